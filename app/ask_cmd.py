@@ -1,0 +1,134 @@
+"""`moechat ask "..."`: one prompt, the reply streamed to stdout (or one JSON object).
+
+Top-level imports are standard library only: start-up before the model loads must stay
+well under a quarter of a second, and this path never imports textual or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "ask one question and stream the answer (reads extra context from stdin when piped)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default="", help="the question (or read from stdin)")
+    parser.add_argument("--model", "-m", help="GGUF path (default: the built-in demo MoE)")
+    parser.add_argument("--system", "-s", help="system prompt")
+    parser.add_argument("--max-tokens", type=_positive_int, default=512, metavar="N")
+    parser.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                        help="0 (default) decodes greedily")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--ctx", type=_positive_int, metavar="N", help="context length in tokens")
+    from moechat.backends.manager import ENGINES
+
+    parser.add_argument("--engine", choices=ENGINES, default="auto")
+    parser.add_argument("--n-cpu-moe", type=_non_negative_int, metavar="N",
+                        help="keep the experts of the first N layers in RAM (llama.cpp engine)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moechat.backends.engine import Sampling
+    from moechat.backends.errors import MoechatError
+    from moechat.backends.manager import open_engine
+    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model_resolve import resolve_model
+
+    question = _read_question(args.prompt)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": question})
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+
+    card = read_model_card(resolve_model(args.model))
+    engine = open_engine(card, args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=args.ctx,
+                         threads=args.threads, force=args.force)
+    text, token_ids, last = [], [], None
+    try:
+        for event in engine.generate(messages, sampling):
+            text.append(event.text)
+            token_ids.extend(event.token_ids)
+            if not args.json and event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            last = event
+    except KeyboardInterrupt:
+        if not args.json:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
+    finally:
+        engine.close()
+    if last is None or last.finish_reason == "error":
+        raise MoechatError(last.error if last and last.error else "the engine produced nothing")
+    if args.json:
+        print(json.dumps({
+            "text": "".join(text),
+            "token_ids": token_ids,
+            "prompt_tokens": last.prompt_tokens,
+            "prefill_tok_s": round(last.prefill_tok_s, 2),
+            "decode_tok_s": round(last.decode_tok_s, 2),
+            "engine": engine.name,
+            "placement": engine.placement,
+            "model": card.path,
+            "finish_reason": last.finish_reason,
+            "rss_bytes": last.rss_bytes,
+            "stats": dict(last.stats),
+        }))
+    else:
+        sys.stdout.write("\n")
+        if sys.stderr.isatty():
+            sys.stderr.write(
+                f"[{engine.name} · {engine.placement} · prompt {last.prompt_tokens} tok at "
+                f"{last.prefill_tok_s:.1f} tok/s · decode {last.decode_tok_s:.1f} tok/s]\n"
+            )
+    return 0
+
+
+def _read_question(prompt: str) -> str:
+    from moechat.backends.errors import MoechatError
+
+    piped = ""
+    if sys.stdin is not None and not sys.stdin.isatty():
+        piped = sys.stdin.read()
+    question = "\n\n".join(part for part in (prompt.strip(), piped.strip()) if part)
+    if not question:
+        raise MoechatError('ask: no prompt (give one: moechat ask "..." or pipe text in)')
+    return question
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value

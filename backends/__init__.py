@@ -1,0 +1,1 @@
+"""Model card, engines, manager and cost model. Nothing here imports torch or textual at module level."""

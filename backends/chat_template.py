@@ -1,0 +1,46 @@
+"""Render a GGUF's chat template (Jinja) in a sandbox.
+
+Templates come from model files downloaded off the internet, so they run in Jinja's
+ImmutableSandboxedEnvironment: a template that reaches for Python internals
+(`__class__`, `__globals__`, mutating methods...) fails with a one-line MoechatError.
+"""
+
+from __future__ import annotations
+
+from moechat.backends.errors import MoechatError
+
+# Used when a GGUF carries no template: ChatML, which most instruct models understand.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def render_chat(
+    template: str | None,
+    messages: list[dict],
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    def raise_exception(message: str):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template or CHATML_TEMPLATE).render(
+            messages=messages,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except SecurityError as err:
+        raise MoechatError(f"chat template refused: it tries an unsafe operation ({err})") from err
+    except jinja2.TemplateError as err:
+        raise MoechatError(f"chat template failed: {err}") from err

@@ -1,0 +1,191 @@
+"""The llama.cpp engine (llama-cpp-python): CPU only, all on the GPU, or MoE-aware.
+
+MoE-aware is llama.cpp's `--n-cpu-moe N`: every non-expert weight on the GPU, the routed
+expert tensors of the first N layers in system RAM (see llamacpp_overrides.py).
+
+A multi-turn chat reuses the KV cache for the shared prefix: `Llama.generate` compares the
+new prompt's tokens with the ones already evaluated and only evaluates the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+from moechat.backends.chat_template import render_chat
+from moechat.backends.engine import Message, Sampling
+from moechat.backends.errors import MoechatError
+from moechat.backends.events import Event
+from moechat.backends.model_card import ModelCard
+
+PlacementKind = Literal["cpu", "gpu", "moe"]
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaCppPlacement:
+    kind: PlacementKind
+    n_cpu_moe: int = 0  # with kind == "moe": layers whose experts stay in RAM
+
+    def describe(self, card: ModelCard) -> str:
+        if self.kind == "cpu":
+            return "CPU only"
+        if self.kind == "gpu":
+            return "all on GPU"
+        layers = len(card.expert_layers) or card.n_layers
+        return f"experts of {min(self.n_cpu_moe, layers)}/{layers} layers in RAM"
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return 0 if self.kind == "cpu" else -1
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build can use a GPU (CUDA, Metal, Vulkan, ROCm...)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def default_threads() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        card: ModelCard,
+        placement: LlamaCppPlacement = LlamaCppPlacement("cpu"),
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        logits_all: bool = False,
+        verbose: bool = False,
+    ):
+        import llama_cpp
+
+        from moechat.backends.llamacpp_overrides import cpu_moe_patterns, tensor_overrides_to_cpu
+
+        self.card = card
+        self.placement_spec = placement
+        self.placement = placement.describe(card)
+        if placement.kind != "cpu" and not gpu_offload_supported():
+            self.placement += " (this llama.cpp build has no GPU support: running on CPU)"
+        self.n_ctx = n_ctx or min(card.context_length, 4096)
+        threads = threads or default_threads()
+        patterns = cpu_moe_patterns(placement.n_cpu_moe) if placement.kind == "moe" else []
+        try:
+            with tensor_overrides_to_cpu(patterns):
+                self.llm = llama_cpp.Llama(
+                    model_path=card.path,
+                    n_gpu_layers=placement.n_gpu_layers,
+                    n_ctx=self.n_ctx,
+                    n_batch=min(512, self.n_ctx),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    logits_all=logits_all,
+                    verbose=verbose,
+                )
+        except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
+            raise MoechatError(f"{card.path}: llama.cpp could not load the model ({err})") from err
+        self.template = self.llm.metadata.get("tokenizer.chat_template")
+        self._bos_text = self._token_text(self.llm.token_bos())
+        self._eos_text = self._token_text(self.llm.token_eos())
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    # ---- prompt -------------------------------------------------------------------------
+    def prompt_tokens(self, messages: list[Message]) -> list[int]:
+        prompt = render_chat(self.template, list(messages), self._bos_text, self._eos_text)
+        starts_with_bos = bool(self._bos_text) and prompt.startswith(self._bos_text)
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=not starts_with_bos, special=True)
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(
+        self, messages: list[Message], sampling: Sampling, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        import llama_cpp
+
+        tokens = self.prompt_tokens(messages)
+        if len(tokens) >= self.n_ctx:
+            raise MoechatError(
+                f"the conversation has {len(tokens)} tokens; the context holds {self.n_ctx}"
+            )
+        max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
+        self.llm.set_seed(sampling.seed)
+        llama_cpp.llama_perf_context_reset(self.llm.ctx)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        generated: list[int] = []
+        finish = "length"
+        t_first = None
+        stream = self.llm.generate(
+            tokens,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=0.0,
+            temp=sampling.temperature,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        try:
+            for token in stream:
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+                    finish = "stop"
+                    break
+                generated.append(token)
+                piece = self.llm.detokenize([token], prev_tokens=generated[:-1])
+                decode_s = now - t_first
+                yield Event(
+                    text=decoder.decode(piece),
+                    token_ids=(token,),
+                    prompt_tokens=len(tokens),
+                    decode_tok_s=(len(generated) - 1) / decode_s if decode_s > 0 else 0.0,
+                )
+                if len(generated) >= max_tokens:
+                    break
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            stream.close()
+        yield self._final_event(len(tokens), decoder.decode(b"", final=True), finish)
+
+    def _final_event(self, n_prompt: int, tail_text: str, finish: str) -> Event:
+        """Totals from llama.cpp's own perf counters (read after a synchronize)."""
+        import llama_cpp
+        import psutil
+
+        llama_cpp.llama_synchronize(self.llm.ctx)
+        perf = llama_cpp.llama_perf_context(self.llm.ctx)
+        prefill = perf.n_p_eval / perf.t_p_eval_ms * 1e3 if perf.t_p_eval_ms > 0 else 0.0
+        decode = perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms > 0 else 0.0
+        return Event(
+            text=tail_text,
+            prompt_tokens=n_prompt,
+            prefill_tok_s=prefill,
+            decode_tok_s=decode,
+            rss_bytes=psutil.Process().memory_info().rss,
+            stats={
+                "placement": self.placement,
+                "prompt_tokens_evaluated": int(perf.n_p_eval),
+                "prompt_tokens_reused": max(0, n_prompt - int(perf.n_p_eval)),
+                "decoded_tokens": int(perf.n_eval),
+            },
+            finish_reason=finish,
+        )
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()

@@ -1,0 +1,98 @@
+"""The backend manager: check that a model fits, pick an engine and placement, open it.
+
+`open_engine` is what every front end calls; it never returns an engine that was not
+checked against this machine's memory (unless the user passed --force).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moechat.backends.errors import MoechatError
+from moechat.backends.model_card import ModelCard
+
+ENGINES = ("auto", "llama.cpp", "torch", "fiddler", "hobbit")
+GIB = 1024**3
+RUNTIME_OVERHEAD_BYTES = 256 * 1024**2  # compute buffers, tokenizer, Python itself
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    ram_available: int
+    vram_free: int  # summed over GPUs; 0 without one
+
+
+def available_memory() -> Memory:
+    import psutil
+
+    return Memory(ram_available=psutil.virtual_memory().available, vram_free=_vram_free())
+
+
+def _vram_free() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA driver or library: no GPU to count
+        return 0
+    try:
+        return sum(
+            pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free
+            for i in range(pynvml.nvmlDeviceGetCount())
+        )
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def memory_needed(card: ModelCard, n_ctx: int) -> int:
+    """Weights + KV cache for n_ctx tokens + a fixed runtime overhead."""
+    return card.tensor_bytes + card.kv_bytes_per_token * n_ctx + RUNTIME_OVERHEAD_BYTES
+
+
+def check_fits(card: ModelCard, n_ctx: int, memory: Memory | None = None) -> None:
+    memory = memory or available_memory()
+    need = memory_needed(card, n_ctx)
+    have = memory.ram_available + memory.vram_free
+    if need > have:
+        where = "RAM + VRAM" if memory.vram_free else "RAM"
+        raise MoechatError(
+            f"{card.name} needs {need / GIB:.1f} GiB of {where} at context {n_ctx}; "
+            f"{have / GIB:.1f} GiB is available (--force tries anyway)"
+        )
+
+
+def default_context(card: ModelCard) -> int:
+    return min(card.context_length, 4096)
+
+
+def open_engine(
+    card: ModelCard,
+    engine: str = "auto",
+    n_cpu_moe: int | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    force: bool = False,
+):
+    """Open the engine the user asked for, or the best one for this machine ("auto")."""
+    if engine not in ENGINES:
+        raise MoechatError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    n_ctx = n_ctx or default_context(card)
+    if not force:
+        check_fits(card, n_ctx)
+    if engine in ("auto", "llama.cpp"):
+        from moechat.backends.llamacpp_engine import (
+            LlamaCppEngine,
+            LlamaCppPlacement,
+            gpu_offload_supported,
+        )
+
+        if n_cpu_moe is not None:
+            if not card.is_moe:
+                raise MoechatError(f"--n-cpu-moe needs an MoE model; {card.name} has no experts")
+            placement = LlamaCppPlacement("moe", n_cpu_moe)
+        elif gpu_offload_supported():
+            placement = LlamaCppPlacement("gpu")
+        else:
+            placement = LlamaCppPlacement("cpu")
+        return LlamaCppEngine(card, placement, n_ctx=n_ctx, threads=threads)
+    raise MoechatError(f"the {engine} engine is not available in this build yet")

@@ -1,0 +1,295 @@
+"""Model card: what a GGUF file holds, read from its header alone (no tensor data).
+
+`read_model_card(path)` is the one entry point. Every number the planner and the engines
+need about a model comes from here: geometry, expert counts, each tensor's type and bytes,
+and derived byte counts (expert vs dense weights, bytes read per decoded token, KV-cache
+bytes per token). Bad files fail with a one-line MoechatError before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from moechat.backends.errors import MoechatError
+
+# Architectures moechat knows (GGUF `general.architecture`) and whether they are MoE.
+MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "phimoe")
+DENSE_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(MOE_ARCHITECTURES + DENSE_ARCHITECTURES))
+
+# llama.cpp's LLM_FFN_EXPS_REGEX: the stacked routed-expert tensors (weights and biases).
+EXPERT_TENSOR_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
+LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+GGUF_MAGIC = b"GGUF"
+MAX_TENSORS = 1_000_000  # more than any real model has, by orders of magnitude
+MAX_KV_PAIRS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    type_name: str  # GGML type, e.g. "Q4_K", "F16"
+    shape: tuple[int, ...]  # GGUF order: ne0 (innermost) first
+    n_bytes: int
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def layer(self) -> int | None:
+        m = LAYER_RE.match(self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def is_expert(self) -> bool:
+        return EXPERT_TENSOR_RE.search(self.name) is not None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    path: str
+    file_bytes: int
+    architecture: str
+    name: str
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim_k: int
+    head_dim_v: int
+    context_length: int
+    vocab_size: int
+    ffn_size: int  # dense FFN size (0 when every layer is MoE and the key is absent)
+    n_experts: int  # routed experts per layer (0 for dense models)
+    n_experts_used: int  # experts each token is routed to
+    n_shared_experts: int
+    expert_ffn_size: int
+    kv_lora_rank: int  # deepseek2 MLA; 0 elsewhere
+    tensors: tuple[TensorInfo, ...]
+
+    # ---- derived ---------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of all routed-expert tensors (what --n-cpu-moe moves to RAM)."""
+        return sum(t.n_bytes for t in self.tensors if t.is_expert)
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of everything else: attention, norms, routers, shared experts, embeddings."""
+        return self.tensor_bytes - self.expert_bytes
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    def expert_bytes_of_layer(self, layer: int) -> int:
+        return sum(t.n_bytes for t in self.tensors if t.is_expert and t.layer == layer)
+
+    @property
+    def expert_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({t.layer for t in self.tensors if t.is_expert and t.layer is not None}))
+
+    @property
+    def bytes_per_expert(self) -> int:
+        """Bytes of one expert of one layer (all its projections)."""
+        if not self.is_moe:
+            return 0
+        return self.expert_bytes // (len(self.expert_layers) * self.n_experts)
+
+    @property
+    def embedding_read_bytes_per_token(self) -> int:
+        """The token embedding is a lookup: one row is read per token."""
+        embd = self.tensor("token_embd.weight")
+        return embd.n_bytes // max(1, self.vocab_size) if embd else 0
+
+    @property
+    def dense_active_bytes_per_token(self) -> int:
+        """Non-expert bytes read per decoded token (the embedding table counts once, as the
+        output projection, only when the model ties the two)."""
+        embd = self.tensor("token_embd.weight")
+        tied = self.tensor("output.weight") is None
+        skip = 0 if (tied or embd is None) else embd.n_bytes - self.embedding_read_bytes_per_token
+        return self.dense_bytes - skip
+
+    @property
+    def active_expert_bytes_per_token(self) -> int:
+        if not self.is_moe:
+            return 0
+        return self.expert_bytes * self.n_experts_used // self.n_experts
+
+    @property
+    def active_bytes_per_token(self) -> int:
+        """Weight bytes read to decode one token: dense part + the used fraction of experts."""
+        return self.dense_active_bytes_per_token + self.active_expert_bytes_per_token
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """f16 K and V for every layer (MLA models cache the compressed latent instead)."""
+        if self.kv_lora_rank:
+            rope_dim = max(0, self.head_dim_k - self.kv_lora_rank)
+            return self.n_layers * (self.kv_lora_rank + rope_dim) * 2
+        return self.n_layers * self.n_kv_heads * (self.head_dim_k + self.head_dim_v) * 2
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        return None
+
+
+def read_model_card(path: str | os.PathLike) -> ModelCard:
+    """Read a GGUF's metadata and tensor table; raise MoechatError (one line) if unusable."""
+    path = Path(path).expanduser()
+    file_bytes = _check_file(path)
+    reader = _open_reader(path, file_bytes)
+    meta = _Metadata(reader)
+
+    arch = meta.str("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise MoechatError(
+            f"{path}: unsupported architecture {arch!r} "
+            f"(moechat supports {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    tensors = tuple(
+        TensorInfo(
+            name=t.name,
+            type_name=t.tensor_type.name,
+            shape=tuple(int(d) for d in t.shape),
+            n_bytes=int(t.n_bytes),
+            offset=int(t.data_offset),
+        )
+        for t in reader.tensors
+    )
+    end = max((t.offset + t.n_bytes for t in tensors), default=0)
+    if end > file_bytes:
+        raise MoechatError(
+            f"{path}: truncated GGUF: tensor data needs {end:,} bytes, the file has {file_bytes:,}"
+        )
+
+    n_heads = meta.int(f"{arch}.attention.head_count")
+    hidden = meta.int(f"{arch}.embedding_length")
+    head_dim = hidden // n_heads if n_heads else 0
+    embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
+    n_experts = meta.int(f"{arch}.expert_count", 0)
+    expert_ffn = meta.int(f"{arch}.expert_feed_forward_length", 0)
+    if n_experts and not expert_ffn:
+        up = next((t for t in tensors if t.name.endswith("ffn_up_exps.weight")), None)
+        expert_ffn = up.shape[1] if up else 0
+    n_shared = meta.int(f"{arch}.expert_shared_count", 0)
+    if not n_shared and any("_shexp" in t.name for t in tensors):
+        n_shared = 1
+    card = ModelCard(
+        path=str(path),
+        file_bytes=file_bytes,
+        architecture=arch,
+        name=meta.str("general.name", path.stem),
+        n_layers=meta.int(f"{arch}.block_count"),
+        hidden_size=hidden,
+        n_heads=n_heads,
+        n_kv_heads=meta.int(f"{arch}.attention.head_count_kv", n_heads),
+        head_dim_k=meta.int(f"{arch}.attention.key_length", head_dim),
+        head_dim_v=meta.int(f"{arch}.attention.value_length", head_dim),
+        context_length=meta.int(f"{arch}.context_length", 2048),
+        vocab_size=embd.shape[1] if embd and len(embd.shape) > 1 else meta.int(f"{arch}.vocab_size", 0),
+        ffn_size=meta.int(f"{arch}.feed_forward_length", 0),
+        n_experts=n_experts,
+        n_experts_used=meta.int(f"{arch}.expert_used_count", 0),
+        n_shared_experts=n_shared,
+        expert_ffn_size=expert_ffn,
+        kv_lora_rank=meta.int(f"{arch}.attention.kv_lora_rank", 0),
+        tensors=tensors,
+    )
+    _check_geometry(card)
+    return card
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+
+def _check_file(path: Path) -> int:
+    if not path.exists():
+        raise MoechatError(f"{path}: no such file")
+    if path.is_dir():
+        raise MoechatError(f"{path}: is a directory, not a GGUF file")
+    size = path.stat().st_size
+    if size == 0:
+        raise MoechatError(f"{path}: empty file")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != GGUF_MAGIC:
+        raise MoechatError(f"{path}: not a GGUF file (bad magic {head[:4]!r})")
+    if len(head) < 24:
+        raise MoechatError(f"{path}: truncated GGUF header ({size} bytes)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise MoechatError(f"{path}: unsupported GGUF version {version}")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV_PAIRS:
+        raise MoechatError(
+            f"{path}: corrupt GGUF header (claims {n_tensors:,} tensors and {n_kv:,} metadata keys)"
+        )
+    return size
+
+
+def _open_reader(path: Path, file_bytes: int):
+    import gguf  # imported here: it pulls numpy, which one-shot start-up avoids until needed
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises many types on corrupt input
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MoechatError(f"{path}: corrupt or truncated GGUF ({reason})") from err
+
+
+def _check_geometry(card: ModelCard) -> None:
+    problems = []
+    if card.n_layers <= 0 or card.n_layers > 10_000:
+        problems.append(f"{card.n_layers} layers")
+    if card.hidden_size <= 0 or card.n_heads <= 0:
+        problems.append(f"hidden size {card.hidden_size}, {card.n_heads} heads")
+    if card.n_experts and not (0 < card.n_experts_used <= card.n_experts):
+        problems.append(f"{card.n_experts_used} of {card.n_experts} experts used")
+    if card.architecture in DENSE_ARCHITECTURES and card.architecture not in MOE_ARCHITECTURES:
+        if card.n_experts:
+            problems.append(f"{card.architecture} with experts")
+    if card.architecture != "llama" and card.architecture in MOE_ARCHITECTURES and not card.n_experts:
+        problems.append(f"{card.architecture} without experts")
+    if problems:
+        raise MoechatError(f"{card.path}: implausible model geometry ({'; '.join(problems)})")
+
+
+class _Metadata:
+    """Typed access to GGUF key/value pairs."""
+
+    def __init__(self, reader):
+        self._fields = reader.fields
+
+    def _value(self, key: str):
+        field = self._fields.get(key)
+        if field is None or not field.types:
+            return None
+        return field.contents()
+
+    def str(self, key: str, default: str | None = None) -> str:
+        value = self._value(key)
+        if value is None:
+            if default is None:
+                raise MoechatError(f"GGUF metadata lacks {key!r}")
+            return default
+        return str(value)
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self._value(key)
+        if value is None:
+            if default is None:
+                raise MoechatError(f"GGUF metadata lacks {key!r}")
+            return default
+        if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv): take the largest
+            return int(max(value)) if value else (default or 0)
+        return int(value)

@@ -1,0 +1,21 @@
+"""Turn what the user typed into a GGUF path: nothing -> the built-in demo, or a local file.
+
+The model catalogue (models.toml names, hub `repo:file`) plugs in here as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moechat.backends.errors import MoechatError
+
+
+def resolve_model(spec: str | None, progress: bool = True) -> Path:
+    if not spec:
+        from moechat.backends.demo_model import demo_model_path
+
+        return demo_model_path(progress=progress)
+    path = Path(spec).expanduser()
+    if path.exists() or path.suffix == ".gguf" or "/" in spec:
+        return path  # read_model_card reports a missing or bad file
+    raise MoechatError(f"{spec}: no such model file")

@@ -1,0 +1,39 @@
+"""Shared fixtures. Model files are built here, never downloaded (see shared/FIXTURES.md).
+
+Built models live in a cache outside the repo, keyed by recipe version, so a second test
+run reuses them; conversation history goes to a fresh temporary dir for every test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECHAT_DATA_DIR", str(tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The built-in demo MoE (SmolLM2 upcycled, 8 experts, top-2, F16), built once."""
+    from moechat.backends.demo_model import demo_model_path
+
+    return demo_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_model_q8() -> Path:
+    from moechat.backends.demo_model import UpcycleRecipe, demo_model_path
+
+    return demo_model_path(UpcycleRecipe(expert_type="Q8_0"), progress=False)
+
+
+def moechat_env(**extra: str) -> dict[str, str]:
+    """Environment for running `moechat` in a subprocess."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env
