@@ -19,3 +19,11 @@ def resolve_model(spec: str | None, progress: bool = True) -> Path:
     if path.exists() or path.suffix == ".gguf" or "/" in spec:
         return path  # read_model_card reports a missing or bad file
     raise MoechatError(f"{spec}: no such model file")
+
+
+def resolve_card(spec: str | None, allow_remote: bool = False):
+    """The model card for `spec`. With allow_remote, a catalogue model that is not downloaded
+    yet is read from its GGUF header over HTTP range requests (for `plan` before `pull`)."""
+    from moechat.backends.model_card import read_model_card
+
+    return read_model_card(resolve_model(spec))
