@@ -1,0 +1,39 @@
+import threading
+
+import torch
+
+from moechat.backends.offload.devices import CopyStream, CpuWorker, StagingBuffer, pick_devices, pin
+from moechat.backends.offload.stats import OffloadStats
+
+
+def test_staging_buffer_copies_and_refuses_overflow():
+    dev = pick_devices("cpu")
+    buf = StagingBuffer(4096, dev)
+    a, b = torch.arange(100, dtype=torch.float16), torch.arange(300, dtype=torch.uint8).view(3, 100)
+    (va, vb), n = buf.load([pin(a, dev), b])
+    assert torch.equal(va, a) and torch.equal(vb, b) and n >= a.nbytes + b.nbytes
+    assert va.data_ptr() != a.data_ptr()  # a real copy into the buffer
+    try:
+        buf.load([torch.zeros(5000, dtype=torch.uint8)])
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("overflow accepted")
+    s = CopyStream(dev)
+    with s.context():
+        pass
+    CopyStream.wait(s.record())
+
+
+def test_worker_runs_off_thread_and_stats_time():
+    worker = CpuWorker()
+    stats = OffloadStats()
+    with stats.timer("cpu"):
+        name = worker.submit(lambda: threading.current_thread().name).result()
+    worker.close()
+    assert name.startswith("moechat-cpu-experts")
+    assert stats.time_s["cpu"] > 0
+    stats.tokens, stats.expert_calls, stats.gpu_hits = 2, 4, 3
+    assert stats.gpu_hit_rate == 0.75 and "cpu_ms_per_tok" in stats.ms_per_token()
+    stats.reset()
+    assert stats.tokens == 0 and stats.time_s == {}

@@ -1,0 +1,108 @@
+"""HOBBIT loading precision, cache priority/eviction, prefetch and replay on traces."""
+
+import numpy as np
+import pytest
+
+from moechat.backends.offload.hobbit_cache import LFU, LRU, HobbitCache, PriorityWeights, UseCounters, priority
+from moechat.backends.offload.hobbit_loading import HIGH, LOW, SKIP, per_expert_need, unimportance, wanted_precision
+from moechat.backends.offload.prefetch import adaptive_targets
+from moechat.backends.offload.replay import CachePlan, compare_policies, fit_weights, predictor_accuracy, replay
+
+
+def test_unimportance_is_the_weight_ranked_above():
+    w = np.array([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1]])
+    s = unimportance(w)
+    assert np.allclose(s, [[0.9, 0.0, 0.5], [0.0, 0.7, 0.9]])
+    assert (s[np.arange(2), w.argmax(1)] == 0).all()  # top-1 scores 0
+
+
+def test_thresholds_and_skip():
+    w = np.array([[0.55, 0.3, 0.1, 0.05]])  # scores 0, .55, .85, .95
+    assert wanted_precision(w).tolist() == [[HIGH, HIGH, LOW, LOW]]
+    assert wanted_precision(w, allow_skip=True).tolist() == [[HIGH, HIGH, LOW, SKIP]]
+    # whatever the weights, the top-1 expert is high
+    rng = np.random.default_rng(0)
+    g = rng.dirichlet(np.ones(8), size=200)
+    p = wanted_precision(g, allow_skip=True)
+    assert (p[np.arange(200), g.argmax(1)] == HIGH).all()
+    assert per_expert_need(np.array([[3, 1], [1, 5]]), np.array([[LOW, SKIP], [HIGH, LOW]])) == {3: LOW, 1: HIGH, 5: LOW}
+
+
+def test_priority_terms():
+    w = PriorityWeights(0.25, 0.25, 0.25, 0.25)
+    c = UseCounters(last_use=10, uses=5, high_uses=2)
+    # layer just ahead (distance 1 of 4) vs just behind (distance 3 of 4)
+    ahead = priority(w, c, now=10, layer=2, now_layer=1, n_layers=4)
+    behind = priority(w, c, now=10, layer=0, now_layer=1, n_layers=4)
+    assert ahead == pytest.approx(0.25 * (1 + 0.5 + 0.2 + 0.75))
+    assert behind == pytest.approx(0.25 * (1 + 0.5 + 0.2 + 0.25))
+
+
+def test_eviction_order_and_protection():
+    cache = HobbitCache(high_budget=30, low_budget=0, n_layers=4, weights=LRU)
+    for t, key in enumerate([(0, 0), (0, 1), (0, 2)]):
+        cache.advance(t, 0)
+        assert cache.insert(key, True, 10) == (True, [])
+        cache.touch(key, True)
+    cache.advance(3, 0)
+    cache.touch((0, 0), True)  # (0,1) is now least recently used
+    assert cache.insert((1, 0), True, 10) == (True, [(0, 1)])
+    cache.protected = {(0, 2), (0, 0), (1, 0)}
+    assert cache.insert((1, 1), True, 10) == (False, [])  # all protected: nothing evicted
+    assert set(cache.high.sizes) == {(0, 0), (0, 2), (1, 0)}
+    cache.release_layer(0)
+    assert cache.protected == {(1, 0)}
+    ok, evicted = cache.insert((1, 1), True, 10)
+    assert ok and evicted[0][0] == 0
+
+
+def test_lfu_counters_reset_per_sequence():
+    cache = HobbitCache(20, 0, 2, LFU)
+    cache.advance(0, 0)
+    cache.insert((0, 0), True, 10)
+    for _ in range(5):
+        cache.touch((0, 0), True)
+    cache.insert((0, 1), True, 10)
+    cache.touch((0, 1), True)
+    assert cache.insert((0, 2), True, 10)[1] == [(0, 1)]
+    cache.begin_sequence()  # (0,0)'s five uses belonged to the last sequence
+    cache.advance(0, 0)
+    cache.touch((0, 2), True)
+    assert cache.insert((0, 3), True, 10)[1] == [(0, 0)]
+
+
+def test_adaptive_depth_skips_layers_already_cached():
+    pred = np.array([[1, 2], [3, 4], [5, 6]])  # layers 1, 2, 3 as seen from layer 0
+    cached = {(1, 1), (1, 2), (2, 3)}
+    assert adaptive_targets(pred, 0, 8, lambda k: k in cached) == [(2, 4)]
+    assert adaptive_targets(pred, 0, 8, lambda k: True) == []
+    assert adaptive_targets(pred, 6, 8, lambda k: False) == [(7, 1), (7, 2)]  # depth stops at the last layer
+
+
+@pytest.mark.parametrize("trace_name", ["synthetic_trace", "demo_trace"])
+def test_replay_policies_on_trace(trace_name, request):
+    trace = request.getfixturevalue(trace_name)
+    high, low = 1000, 1000 * 5 // 16  # F16 vs int4 g32
+    plan = CachePlan(budget_bytes=high * trace.n_layers * trace.n_experts // 4, high_bytes=high, low_bytes=low)
+    rows = {r.policy: r for r in compare_policies(trace, plan, PriorityWeights())}
+    for r in rows.values():
+        assert r.high_hits + r.low_hits + r.misses + r.skips == r.selections
+    lru, mixed, full = rows["lru"], rows["hobbit-mixed"], rows["hobbit"]
+    assert lru.low_hits == 0 and lru.bytes_moved == lru.misses * high
+    # low-precision loading moves fewer bytes than a high-only cache of the same budget
+    assert mixed.bytes_moved < lru.bytes_moved
+    assert full.prefetched > 0 and full.prefetch_accuracy > 0.3
+    assert full.skips == 0  # skipping only when asked
+
+
+def test_predictor_accuracy_on_synthetic(synthetic_trace):
+    acc = predictor_accuracy(synthetic_trace)
+    assert acc[0] > acc[2] and 0.8 < acc[0] < 1.0  # built right 90% / 70% of the time
+
+
+def test_fitted_weights_do_no_worse_than_lru_on_held_out(synthetic_trace):
+    fit, held = synthetic_trace.split(0.5)
+    plan = CachePlan(budget_bytes=1000 * 12, high_bytes=1000, low_bytes=312)
+    best, moved = fit_weights(fit, plan, step=0.5)
+    assert moved <= replay(fit, plan, LRU, prefetch=False).bytes_moved
+    assert replay(held, plan, best, prefetch=False).bytes_moved <= 1.1 * replay(held, plan, LRU, prefetch=False).bytes_moved
