@@ -110,3 +110,49 @@ def save_counts(model_path, counts: np.ndarray, n_tokens: int) -> Path:
                                "counts": np.asarray(counts).tolist()}))
     tmp.replace(path)
     return path
+
+
+class CountingExperts:
+    """ExpertBackend wrapper that counts routing per (layer, expert)."""
+
+    def __init__(self, inner, n_layers: int, n_experts: int):
+        self.inner = inner
+        self.counts = np.zeros((n_layers, n_experts), dtype=np.int64)
+
+    def moe_forward(self, layer, hidden, expert_ids, gate_weights):
+        self.counts[layer] += np.bincount(expert_ids.cpu().numpy().ravel(), minlength=self.counts.shape[1])
+        return self.inner.moe_forward(layer, hidden, expert_ids, gate_weights)
+
+
+def calibrate(model, tokenize, prompts=CALIBRATION_PROMPTS, progress: bool = True) -> tuple[np.ndarray, int]:
+    """Prefill each prompt through `model` (a runtime Model) counting its routing.
+    tokenize: str -> list[int]. Returns (counts [L, E], tokens seen)."""
+    import sys
+
+    import torch
+    from tqdm import tqdm
+
+    a = model.args
+    counter = CountingExperts(model.expert_backend, a.n_layers, a.n_experts)
+    saved, model.expert_backend = model.expert_backend, counter
+    n_tokens = 0
+    try:
+        for text in tqdm(prompts, desc="calibrating expert popularity", unit="prompt",
+                         file=sys.stderr, disable=not progress):
+            tokens = torch.tensor(tokenize(text), dtype=torch.long)
+            cache = model.new_cache(len(tokens) + 1)
+            with torch.inference_mode():
+                model.forward(tokens, cache, 0, all_logits=False)
+            n_tokens += len(tokens)
+    finally:
+        model.expert_backend = saved
+    return counter.counts, n_tokens
+
+
+def cached_counts(model, model_path, tokenize, progress: bool = True) -> np.ndarray:
+    """Counts from the cache dir, or a calibration pass (then cached) on first use."""
+    counts = load_counts(model_path)
+    if counts is None or counts.shape != (model.args.n_layers, model.args.n_experts):
+        counts, n = calibrate(model, tokenize, progress=progress)
+        save_counts(model_path, counts, n)
+    return counts

@@ -123,15 +123,15 @@ def predictor_accuracy(trace: RoutingTrace) -> list[float]:
 
 
 def compare_policies(trace: RoutingTrace, plan: CachePlan, weights: PriorityWeights,
-                     allow_skip: bool = False) -> list[ReplayResult]:
+                     allow_skip: bool = False, t1: float = T1) -> list[ReplayResult]:
     """The rows of the trace tool's table."""
     return [
         replay(trace, plan, LRU, mixed=False, name="lru"),
         replay(trace, plan, LFU, mixed=False, name="lfu"),
         replay(trace, plan, weights, mixed=False, name="hobbit-priority"),
-        replay(trace, plan, weights, mixed=True, prefetch=False, allow_skip=allow_skip,
+        replay(trace, plan, weights, mixed=True, prefetch=False, allow_skip=allow_skip, t1=t1,
                name="hobbit-mixed"),
-        replay(trace, plan, weights, mixed=True, prefetch=True, allow_skip=allow_skip,
+        replay(trace, plan, weights, mixed=True, prefetch=True, allow_skip=allow_skip, t1=t1,
                name="hobbit"),
     ]
 
@@ -143,12 +143,16 @@ def weight_grid(step: float) -> list[PriorityWeights]:
 
 
 def fit_weights(trace: RoutingTrace, plan: CachePlan, step: float = 0.25,
-                mixed: bool = True, prefetch: bool = False) -> tuple[PriorityWeights, int]:
-    """Grid search over the weight simplex for the fewest bytes moved (HOBBIT's miss
-    penalty: a high miss costs its bytes, a low miss the low copy's). Returns (best, bytes)."""
+                mixed: bool = True, prefetch: bool = False,
+                high_fractions: tuple[float, ...] = ()) -> tuple[PriorityWeights, int, float]:
+    """Grid search over the weight simplex (and, if given, the high tier's share of the
+    budget) for the fewest bytes moved — HOBBIT's miss penalty: a high miss costs its bytes,
+    a low miss the low copy's. Returns (weights, bytes moved, high fraction)."""
     best = None
-    for w in weight_grid(step):
-        moved = replay(trace, plan, w, mixed=mixed, prefetch=prefetch).bytes_moved
-        if best is None or moved < best[1]:
-            best = (w, moved)
+    for fraction in high_fractions or (plan.high_fraction,):
+        p = CachePlan(plan.budget_bytes, plan.high_bytes, plan.low_bytes, fraction)
+        for w in weight_grid(step):
+            moved = replay(trace, p, w, mixed=mixed, prefetch=prefetch).bytes_moved
+            if best is None or moved < best[1]:
+                best = (w, moved, fraction)
     return best

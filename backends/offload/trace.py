@@ -78,6 +78,21 @@ class RoutingTrace:
                             self.gate_weights[start:end], np.asarray(starts, dtype=np.int64),
                             self.prefill[start:end], pred, self.model)
 
+    def decode_only(self) -> "RoutingTrace":
+        """The generated tokens only (prompts dropped), sequences kept apart."""
+        keep = ~self.prefill
+        starts, n = [], 0
+        for start, end in self.sequences():
+            if n not in starts:
+                starts.append(n)
+            n += int(keep[start:end].sum())
+        if starts and starts[-1] == n and n > 0:
+            starts.pop()
+        pred = None if self.predicted is None else self.predicted[keep]
+        return RoutingTrace(self.n_experts, self.expert_ids[keep], self.gate_weights[keep],
+                            np.asarray(starts or [0], dtype=np.int64), self.prefill[keep], pred,
+                            self.model)
+
     def save(self, path: Path) -> None:
         header = json.dumps({"version": FORMAT_VERSION, "n_experts": self.n_experts,
                              "model": self.model})

@@ -37,3 +37,17 @@ def test_worker_runs_off_thread_and_stats_time():
     assert stats.gpu_hit_rate == 0.75 and "cpu_ms_per_tok" in stats.ms_per_token()
     stats.reset()
     assert stats.tokens == 0 and stats.time_s == {}
+
+
+def test_budget_parsing():
+    import pytest
+
+    from moechat.backends.offload.budget import budget_bytes, parse_budget
+
+    assert budget_bytes(parse_budget("6GiB"), 0) == 6 * 1024**3
+    assert budget_bytes(parse_budget("600M"), 0) == 600_000_000
+    assert budget_bytes(parse_budget("25%"), 1000) == 250
+    assert budget_bytes(parse_budget("123"), 0) == 123
+    for bad in ("lots", "150%", "6 parsecs", ""):
+        with pytest.raises(ValueError):
+            parse_budget(bad)

@@ -84,15 +84,25 @@ def test_replay_policies_on_trace(trace_name, request):
     trace = request.getfixturevalue(trace_name)
     high, low = 1000, 1000 * 5 // 16  # F16 vs int4 g32
     plan = CachePlan(budget_bytes=high * trace.n_layers * trace.n_experts // 4, high_bytes=high, low_bytes=low)
-    rows = {r.policy: r for r in compare_policies(trace, plan, PriorityWeights())}
+    rows = {r.policy: r for r in compare_policies(trace, plan, PriorityWeights(), t1=0.5)}
     for r in rows.values():
         assert r.high_hits + r.low_hits + r.misses + r.skips == r.selections
-    lru, mixed, full = rows["lru"], rows["hobbit-mixed"], rows["hobbit"]
+    lru, prio, mixed, full = rows["lru"], rows["hobbit-priority"], rows["hobbit-mixed"], rows["hobbit"]
     assert lru.low_hits == 0 and lru.bytes_moved == lru.misses * high
-    # low-precision loading moves fewer bytes than a high-only cache of the same budget
-    assert mixed.bytes_moved < lru.bytes_moved
+    # loading the less important experts in low precision moves fewer bytes than a
+    # high-only cache with the same priority and budget
+    assert mixed.low_hits > 0 and mixed.bytes_moved < prio.bytes_moved
     assert full.prefetched > 0 and full.prefetch_accuracy > 0.3
     assert full.skips == 0  # skipping only when asked
+    skipping = replay(trace, plan, PriorityWeights(), allow_skip=True, t1=0.3, t2=0.45)
+    assert skipping.skips > 0 and skipping.bytes_moved < full.bytes_moved
+
+
+def test_flat_top2_routing_never_asks_for_low_precision(demo_trace):
+    # the demo model's routers are small and random: its top-1 normalised weight stays
+    # near 0.5, so with T1 = 0.6 the second expert (score = top-1 weight) is always high
+    need = wanted_precision(demo_trace.gate_weights.reshape(-1, demo_trace.top_k))
+    assert (need == HIGH).all()
 
 
 def test_predictor_accuracy_on_synthetic(synthetic_trace):
@@ -103,6 +113,6 @@ def test_predictor_accuracy_on_synthetic(synthetic_trace):
 def test_fitted_weights_do_no_worse_than_lru_on_held_out(synthetic_trace):
     fit, held = synthetic_trace.split(0.5)
     plan = CachePlan(budget_bytes=1000 * 12, high_bytes=1000, low_bytes=312)
-    best, moved = fit_weights(fit, plan, step=0.5)
+    best, moved, _ = fit_weights(fit, plan, step=0.5)
     assert moved <= replay(fit, plan, LRU, prefetch=False).bytes_moved
     assert replay(held, plan, best, prefetch=False).bytes_moved <= 1.1 * replay(held, plan, LRU, prefetch=False).bytes_moved

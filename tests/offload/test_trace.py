@@ -39,3 +39,13 @@ def test_split_at_sequence_boundary(synthetic_trace):
     assert a.n_tokens + b.n_tokens == synthetic_trace.n_tokens
     assert a.n_tokens in synthetic_trace.seq_starts
     assert b.seq_starts[0] == 0 and b.n_tokens > 0
+
+
+def test_decode_only_keeps_sequences_apart(synthetic_trace):
+    d = synthetic_trace.decode_only()
+    assert not d.prefill.any()
+    assert d.n_tokens == int((~synthetic_trace.prefill).sum())
+    assert len(d.seq_starts) == len(synthetic_trace.seq_starts)
+    first = synthetic_trace.sequences()[1]
+    n0 = int((~synthetic_trace.prefill[: first[0]]).sum())
+    assert d.seq_starts[1] == n0

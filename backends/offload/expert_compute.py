@@ -1,0 +1,80 @@
+"""Computing one routed expert from where it lives — shared by both engines.
+
+"GPU side": the expert's raw GGUF bytes (or its low-bit copy) on the compute device,
+dequantized there per call and multiplied (memory traffic ~ the stored bytes).
+"CPU side": ggml's kernels on the memory-mapped quantized bytes (the runtime's fast CPU path).
+Axes: T tokens, D model dim, I expert FFN dim, A active experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moechat.kernels import dequant
+from moechat.kernels.lowbit import LowBitWeight, lowbit_expert
+
+
+@dataclass(slots=True)
+class DeviceExpert:
+    """An expert's quantized bytes on the compute device: gate [I, D], up [I, D], down [D, I]."""
+
+    raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 (or float for F16/F32 files)
+    types: tuple[str, str, str]
+    shapes: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.raw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D] in x's dtype."""
+        gate, up, down = (_weight(r, ty, sh, x.dtype) for r, ty, sh in zip(self.raw, self.types, self.shapes))
+        return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _weight(raw: torch.Tensor, type_name: str, shape, dtype) -> torch.Tensor:
+    """Dequantize on raw's device; float files are a reinterpretation plus a cast."""
+    if type_name in FLOAT_TYPES:
+        return raw.contiguous().view(torch.uint8).view(FLOAT_TYPES[type_name]).view(shape).to(dtype)
+    return dequant.dequantize(raw, type_name, shape, dtype=dtype)
+
+
+def host_parts(weights) -> list[torch.Tensor]:
+    """The runtime's ExpertWeights (numpy views on the map) as host torch tensors (no copy)."""
+    return [torch.from_numpy(np.ascontiguousarray(t.data)) for t in (weights.gate, weights.up, weights.down)]
+
+
+def device_expert(weights, parts: list[torch.Tensor]) -> DeviceExpert:
+    """Wrap device tensors holding `weights`' bytes (from a copy or the staging buffer)."""
+    ws = (weights.gate, weights.up, weights.down)
+    return DeviceExpert(tuple(parts), tuple(w.type_name for w in ws), tuple(w.shape for w in ws))
+
+
+def low_expert_forward(x: torch.Tensor, low: tuple[LowBitWeight, LowBitWeight, LowBitWeight]) -> torch.Tensor:
+    return lowbit_expert(x, *low)
+
+
+def combine(per_slot: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
+    """per_slot [T, A, D] expert outputs, gate_weights [T, A] -> [T, D], summed in slot
+    order like llama.cpp (so the result matches the runtime's bit for bit where the
+    expert outputs do)."""
+    out = per_slot[:, 0] * gate_weights[:, :1]
+    for a in range(1, per_slot.shape[1]):
+        out = out + per_slot[:, a] * gate_weights[:, a : a + 1]
+    return out
+
+
+def token_groups(expert_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """expert_ids [T, A] -> {expert: (token indices, slot indices)} in ascending expert order."""
+    groups = {}
+    for e in torch.unique(expert_ids).tolist():
+        tok, slot = torch.nonzero(expert_ids == e, as_tuple=True)
+        groups[e] = (tok, slot)
+    return groups
