@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="auto")
     parser.add_argument("--n-cpu-moe", type=_non_negative_int, metavar="N",
                         help="keep the experts of the first N layers in RAM (llama.cpp engine)")
+    parser.add_argument("--vram-budget", metavar="SIZE",
+                        help="GPU memory for experts, e.g. 6GiB or 50%% of the experts "
+                             "(fiddler, hobbit engines; default: what is free)")
+    parser.add_argument("--hobbit-low", choices=("auto", "int4", "int2"), default="auto",
+                        help="low-precision expert format (hobbit engine; auto: int2 if the "
+                             "file is already <= 4-bit, else int4)")
+    parser.add_argument("--skip", action="store_true",
+                        help="skip the least important experts on a cache miss (hobbit engine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")
 
@@ -48,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     card = read_model_card(resolve_model(args.model))
     engine = open_engine(card, args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=args.ctx,
-                         threads=args.threads, force=args.force)
+                         threads=args.threads, force=args.force, vram_budget=args.vram_budget,
+                         hobbit_low=args.hobbit_low, skip=args.skip)
     text, token_ids, last = [], [], None
     try:
         for event in engine.generate(messages, sampling):

@@ -72,6 +72,9 @@ def open_engine(
     n_ctx: int | None = None,
     threads: int | None = None,
     force: bool = False,
+    vram_budget: str | None = None,
+    hobbit_low: str = "auto",
+    skip: bool = False,
 ):
     """Open the engine the user asked for, or the best one for this machine ("auto")."""
     if engine not in ENGINES:
@@ -95,4 +98,31 @@ def open_engine(
         else:
             placement = LlamaCppPlacement("cpu")
         return LlamaCppEngine(card, placement, n_ctx=n_ctx, threads=threads)
+    if engine in ("fiddler", "hobbit"):
+        return _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget,
+                                    hobbit_low, skip)
     raise MoechatError(f"the {engine} engine is not available in this build yet")
+
+
+def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, hobbit_low, skip):
+    """The Fiddler-style and HOBBIT-style engines (torch runtime + expert offloading)."""
+    from moechat.backends.offload.budget import parse_budget
+
+    if n_cpu_moe is not None:
+        raise MoechatError(f"--n-cpu-moe is a llama.cpp engine option; the {engine} engine places experts itself")
+    if not card.is_moe:
+        raise MoechatError(f"the {engine} engine offloads experts; {card.name} has none")
+    if engine == "fiddler" and (skip or hobbit_low != "auto"):
+        raise MoechatError("--skip and --hobbit-low are hobbit engine options")
+    try:
+        budget = parse_budget(vram_budget) if vram_budget is not None else None
+    except ValueError as err:
+        raise MoechatError(f"--vram-budget: {err}") from None
+    if engine == "fiddler":
+        from moechat.backends.fiddler_engine import FiddlerEngine
+
+        return FiddlerEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget)
+    from moechat.backends.hobbit_engine import HobbitEngine
+
+    return HobbitEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget,
+                        low_format=hobbit_low, skip=skip)
