@@ -277,7 +277,7 @@ class QuantLinear:
             raise ValueError(f"QuantLinear needs a 2-D weight, got {weight.shape}")
         self.weight, self.backend = weight, backend
         self.in_features, self.out_features = weight.shape
-        self._graphs: dict[int, _MatmulGraph] = {}
+        self._graphs: dict[int, _MatmulGraph] = {}  # decode's graph (T == 1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, D] (or [D]) float32 -> [T, N] (or [N]) float32."""
@@ -285,23 +285,28 @@ class QuantLinear:
         x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
         if x2.shape[1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, weight expects {self.in_features}")
-        g = self._graph(x2.shape[0])
-        y = g(x2)
+        y = _cached_call(self._graphs, x2.shape[0], lambda: _MatmulGraph(self.backend, self.weight, x2.shape[0]), x2)
         return y[0] if vec else y
-
-    def _graph(self, n_tokens: int) -> _MatmulGraph:
-        g = self._graphs.get(n_tokens)
-        if g is None:
-            if len(self._graphs) > 8:  # prefill lengths vary: keep decode's graph, drop others
-                for k in [k for k in self._graphs if k != 1]:
-                    self._graphs.pop(k).close()
-            g = self._graphs[n_tokens] = _MatmulGraph(self.backend, self.weight, n_tokens)
-        return g
 
     def close(self) -> None:
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()
+
+
+def _cached_call(graphs: dict, n_tokens: int, build, *inputs) -> np.ndarray:
+    """Run a graph for n_tokens: decode's (n_tokens == 1) is built once and kept; a prefill's
+    is built, run and freed, so its large intermediates do not stay resident per layer."""
+    if n_tokens == 1:
+        g = graphs.get(1)
+        if g is None:
+            g = graphs[1] = build()
+        return g(*inputs)
+    g = build()
+    try:
+        return g(*inputs)
+    finally:
+        g.close()
 
 
 # ---- the MoE op: a SwiGLU FFN for the selected experts of stacked expert tensors ---------
@@ -339,7 +344,7 @@ class QuantExperts:
             raise ValueError(f"expert shapes disagree: gate {gate.shape}, up {up.shape}, down {down.shape}")
         self.gate, self.up, self.down, self.backend = gate, up, down, backend
         self.dim, self.ffn_dim, self.n_experts = d, i, e
-        self._graphs: dict[tuple[int, int], _ExpertsGraph] = {}
+        self._graphs: dict[int, _ExpertsGraph] = {}  # decode's graph (T == 1)
 
     def __call__(self, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
         """x [T, D] float32, expert_ids [T, A] integer -> [T, A, D] float32."""
@@ -350,13 +355,7 @@ class QuantExperts:
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_experts):
             raise ValueError(f"expert ids must be in [0, {self.n_experts})")
         key = ids.shape
-        g = self._graphs.get(key)
-        if g is None:
-            if len(self._graphs) > 8:
-                for k in [k for k in self._graphs if k[0] != 1]:
-                    self._graphs.pop(k).close()
-            g = self._graphs[key] = _ExpertsGraph(self.backend, self.gate, self.up, self.down, *key)
-        return g(x, ids)
+        return _cached_call(self._graphs, key[0], lambda: _ExpertsGraph(self.backend, self.gate, self.up, self.down, *key), x, ids)
 
     def close(self) -> None:
         for g in self._graphs.values():

@@ -48,8 +48,8 @@ class ModelArgs:
         return self.n_experts > 0
 
 
-def model_args(card: ModelCard, fields) -> ModelArgs:
-    """`fields` is the GGUF reader's key/value map (reader.fields)."""
+def model_args(card: ModelCard, metadata: dict) -> ModelArgs:
+    """`metadata`: the GGUF's key -> value map (GGUFWeights.metadata)."""
     arch = card.architecture
     if arch not in RUNTIME_ARCHS:
         raise MoechatError(
@@ -58,8 +58,7 @@ def model_args(card: ModelCard, fields) -> ModelArgs:
         )
 
     def get(key, default):
-        f = fields.get(f"{arch}.{key}")
-        return default if f is None else f.contents()
+        return metadata.get(f"{arch}.{key}", default)
 
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):

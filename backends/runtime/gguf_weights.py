@@ -43,16 +43,18 @@ class GGUFWeights:
         self.path = path
         # copy-on-write map: torch can wrap the arrays without a read-only warning; we never
         # write, so every page stays file-backed
-        self.reader = gguf.GGUFReader(path, "c")
-        self.fields = self.reader.fields
+        reader = gguf.GGUFReader(path, "c")
+        # Keep the metadata values, not the reader's per-field numpy parts: the vocabulary
+        # alone is ~50k tiny arrays (~140 MB of Python objects). Tokens come from llama.cpp.
+        self.metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
         self.tensors: dict[str, RawTensor] = {}
-        for t in self.reader.tensors:
+        for t in reader.tensors:
             self.tensors[t.name] = RawTensor(
                 name=t.name,
                 type_name=t.tensor_type.name,
                 ggml_type=int(t.tensor_type),
                 shape=tuple(int(d) for d in t.shape),
-                data=t.data,
+                data=t.data,  # a view: keeps the memory map alive
             )
 
     def __contains__(self, name: str) -> bool:

@@ -39,7 +39,7 @@ def load_model(path, device: str = "cpu", dtype: torch.dtype | None = None, thre
 
     card = read_model_card(path)
     weights = GGUFWeights(card.path)
-    args = model_args(card, weights.fields)
+    args = model_args(card, weights.metadata)
     for name, t in weights.tensors.items():  # refuse unsupported quant types by name, up front
         from moechat.kernels.dequant import type_name
 
