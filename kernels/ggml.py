@@ -294,13 +294,14 @@ class QuantLinear:
         self._graphs.clear()
 
 
-def _cached_call(graphs: dict, n_tokens: int, build, *inputs) -> np.ndarray:
-    """Run a graph for n_tokens: decode's (n_tokens == 1) is built once and kept; a prefill's
-    is built, run and freed, so its large intermediates do not stay resident per layer."""
+def _cached_call(graphs: dict, n_tokens: int, build, *inputs, key=1) -> np.ndarray:
+    """Run a graph for n_tokens: decode's (n_tokens == 1) is built once and kept (per `key`,
+    e.g. per number of experts asked for); a prefill's is built, run and freed, so its large
+    intermediates do not stay resident per layer."""
     if n_tokens == 1:
-        g = graphs.get(1)
+        g = graphs.get(key)
         if g is None:
-            g = graphs[1] = build()
+            g = graphs[key] = build()
         return g(*inputs)
     g = build()
     try:
@@ -355,7 +356,8 @@ class QuantExperts:
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_experts):
             raise ValueError(f"expert ids must be in [0, {self.n_experts})")
         key = ids.shape
-        return _cached_call(self._graphs, key[0], lambda: _ExpertsGraph(self.backend, self.gate, self.up, self.down, *key), x, ids)
+        return _cached_call(self._graphs, key[0], lambda: _ExpertsGraph(self.backend, self.gate, self.up, self.down, *key), x, ids,
+                            key=key)
 
     def close(self) -> None:
         for g in self._graphs.values():
