@@ -19,10 +19,11 @@ class FiddlerEngine(OffloadEngine):
     name = "fiddler"
 
     def __init__(self, card: ModelCard, n_ctx=None, threads=None, vram_budget=None,
-                 device=None, costs=None, force=None, progress: bool = True):
+                 device=None, costs=None, force=None, progress: bool = True,
+                 calibration_prompts=None):
         """vram_budget: parse_budget() spec, or None for the default; costs: OffloadCosts
         (default: measured at start-up); force: {(layer, expert): "cpu"|"copy"} (tests)."""
-        from moechat.backends.offload.calibration import cached_counts
+        from moechat.backends.offload.calibration import CALIBRATION_PROMPTS, cached_counts
         from moechat.backends.offload.fiddler_experts import FiddlerExperts, measure_costs
         from moechat.backends.offload.fiddler_policy import OnlineCostModel, place_experts, popularity_ranking
         from moechat.backends.runtime.experts import GgmlExperts
@@ -32,7 +33,8 @@ class FiddlerEngine(OffloadEngine):
         store = model.experts
         cpu_experts = GgmlExperts(store, model.cpu)  # the runtime's fast CPU kernel
         model.expert_backend = cpu_experts  # calibration runs all experts on the CPU
-        counts = cached_counts(model, card.path, lambda t: self.tokenizer.tokenize(t), progress)
+        counts = cached_counts(model, card.path, lambda t: self.tokenizer.tokenize(t), progress,
+                               calibration_prompts or CALIBRATION_PROMPTS)
         total = all_expert_bytes(store)
         budget = (budget_bytes(vram_budget, total) if vram_budget is not None
                   else default_vram_budget(model, self.devices, total))

@@ -77,6 +77,41 @@ CALIBRATION_PROMPTS = (
     "wavelengths, blue and violet, much more than red (Rayleigh scattering goes as one over the "
     "wavelength to the fourth power), so blue light reaches our eyes from every direction. At "
     "sunset the light crosses more air, the blue is scattered away, and the sky turns red.",
+
+    "Rust example:\n```rust\nfn main() {\n    let words = vec![\"apple\", \"banana\", \"cherry\"];\n"
+    "    for (i, w) in words.iter().enumerate() {\n        println!(\"{}: {}\", i, w.to_uppercase());\n"
+    "    }\n}\n```\nOwnership means each value has one owner; borrowing with & lets functions read "
+    "a value without taking it, and the compiler checks that no reference outlives its data.",
+    "Meeting notes, Tuesday: the team agreed to ship version 2.3 on the 14th. Maria will finish "
+    "the migration script, Tom will update the documentation and the changelog, and Priya will "
+    "run the load tests on the staging cluster. Open questions: do we keep the old API endpoint "
+    "for another release, and who answers the support tickets during the holidays?",
+    "In economics, inflation is the rate at which the general level of prices rises. Central "
+    "banks usually target about two percent a year. When inflation is high, they raise interest "
+    "rates, which makes borrowing more expensive, slows spending and investment, and eventually "
+    "cools prices, at the risk of higher unemployment in the short run.",
+    "Q: A train leaves at 14:35 and arrives at 18:10. How long is the journey?\nA: From 14:35 to "
+    "18:35 is 4 hours; 18:10 is 25 minutes earlier, so the journey takes 3 hours 35 minutes.\n"
+    "Q: If 5 pencils cost 2.50 euros, how much do 8 cost?\nA: One pencil costs 0.50 euros, so "
+    "8 cost 4.00 euros.",
+    "La cuisine italienne varie beaucoup d'une région à l'autre : au nord, le beurre, le riz et "
+    "la polenta ; au sud, l'huile d'olive, les tomates et les pâtes sèches. En español: la "
+    "paella valenciana lleva arroz, pollo, conejo, judías verdes y azafrán, y se cocina en una "
+    "sartén ancha y poco profunda.",
+    "#!/bin/bash\nset -euo pipefail\nfor f in *.log; do\n  gzip -9 \"$f\"\ndone\nfind . -name "
+    "'*.gz' -mtime +30 -delete\necho \"done\"\nThis script compresses every log file in the "
+    "current directory and deletes compressed logs older than thirty days.",
+    "The Moon always shows the same face to the Earth because it is tidally locked: it turns "
+    "once on its axis in the same time it takes to orbit us, about 27.3 days. Its phases come "
+    "from the changing angle between the Sun, the Earth and the Moon, not from the Earth's "
+    "shadow, which only falls on it during a lunar eclipse.",
+    "Customer review: I bought these headphones for my commute. The noise cancelling is "
+    "excellent on the train, the battery easily lasts a week, and the case is small. Two "
+    "stars off because the ear cushions get warm after an hour and the app keeps asking me to "
+    "create an account. Would I buy them again? Probably yes, on sale.",
+    "Proof that the square root of 2 is irrational: suppose sqrt(2) = p/q in lowest terms. "
+    "Then p^2 = 2 q^2, so p^2 is even and therefore p is even, say p = 2k. Then 4k^2 = 2q^2, "
+    "so q^2 = 2k^2 and q is even too, contradicting lowest terms. Hence sqrt(2) is irrational.",
 )
 
 
@@ -88,12 +123,14 @@ def model_file_key(path: str | os.PathLike) -> str:
     return f"{p.stem}-{digest}"
 
 
-def counts_path(model_path: str | os.PathLike) -> Path:
-    return cache_dir() / "calibration" / f"{model_file_key(model_path)}-v{CALIBRATION_VERSION}.json"
+def counts_path(model_path: str | os.PathLike, prompts=CALIBRATION_PROMPTS) -> Path:
+    """Keyed by the model file and the prompt set (a different set never reuses counts)."""
+    key = hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:8]
+    return cache_dir() / "calibration" / f"{model_file_key(model_path)}-p{key}-v{CALIBRATION_VERSION}.json"
 
 
-def load_counts(model_path) -> np.ndarray | None:
-    path = counts_path(model_path)
+def load_counts(model_path, prompts=CALIBRATION_PROMPTS) -> np.ndarray | None:
+    path = counts_path(model_path, prompts)
     if not path.exists():
         return None
     try:
@@ -102,8 +139,8 @@ def load_counts(model_path) -> np.ndarray | None:
         return None
 
 
-def save_counts(model_path, counts: np.ndarray, n_tokens: int) -> Path:
-    path = counts_path(model_path)
+def save_counts(model_path, counts: np.ndarray, n_tokens: int, prompts=CALIBRATION_PROMPTS) -> Path:
+    path = counts_path(model_path, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model": str(model_path), "tokens": n_tokens,
@@ -149,10 +186,11 @@ def calibrate(model, tokenize, prompts=CALIBRATION_PROMPTS, progress: bool = Tru
     return counter.counts, n_tokens
 
 
-def cached_counts(model, model_path, tokenize, progress: bool = True) -> np.ndarray:
+def cached_counts(model, model_path, tokenize, progress: bool = True,
+                  prompts=CALIBRATION_PROMPTS) -> np.ndarray:
     """Counts from the cache dir, or a calibration pass (then cached) on first use."""
-    counts = load_counts(model_path)
+    counts = load_counts(model_path, prompts)
     if counts is None or counts.shape != (model.args.n_layers, model.args.n_experts):
-        counts, n = calibrate(model, tokenize, progress=progress)
-        save_counts(model_path, counts, n)
+        counts, n = calibrate(model, tokenize, prompts, progress=progress)
+        save_counts(model_path, counts, n, prompts)
     return counts
