@@ -39,6 +39,8 @@ class FiddlerEngine(OffloadEngine):
         budget = (budget_bytes(vram_budget, total) if vram_budget is not None
                   else default_vram_budget(model, self.devices, total))
         placement = place_experts(popularity_ranking(counts), store.expert(store.layers[0], 0).nbytes, budget)
+        if costs is None and self.devices.has_cuda:
+            costs = _profile_costs(store)
         costs = costs or measure_costs(store, cpu_experts.layers, self.devices, model.dtype)
         self.backend = FiddlerExperts(store, cpu_experts.layers, self.devices, placement,
                                       OnlineCostModel(costs), model.dtype, force)
@@ -66,6 +68,24 @@ class FiddlerEngine(OffloadEngine):
         super().close()
         if getattr(self, "_cpu_experts", None) is not None:
             self._cpu_experts.close()
+
+
+def _profile_costs(store):
+    """The planner's cached hardware profile, when there is one with GPU measurements."""
+    from moechat.backends.offload.fiddler_policy import costs_from_hardware_profile
+
+    try:
+        from moechat.app.hardware_profile import profile_path, read_profile
+    except ImportError:  # built without the planner
+        return None
+    path = profile_path()
+    if not path.exists():
+        return None
+    try:
+        profile = read_profile(path)
+    except Exception:  # an unreadable cache: measure instead
+        return None
+    return costs_from_hardware_profile(profile, store.expert(store.layers[0], 0).gate.type_name)
 
 
 def _hit(counts, placement) -> float:

@@ -44,6 +44,22 @@ class OffloadCosts:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def costs_from_hardware_profile(profile, expert_type: str) -> OffloadCosts | None:
+    """The planner's HardwareProfile (app/hardware_profile.py; read by attribute, so this
+    module needs no import of it) -> the decision's figures; None without a usable GPU
+    measurement. The CPU rate is the profile's matvec rate for the experts' quant type."""
+    gpus = [g for g in getattr(profile, "gpus", ()) if not getattr(g, "unified", False)]
+    rates = getattr(profile, "cpu_matvec_gbs", {}) or {}
+    cpu = rates.get(expert_type) or (max(rates.values()) if rates else 0.0)
+    if not gpus or not cpu or not gpus[0].h2d_gbs or not gpus[0].mem_gbs:
+        return None
+    g = gpus[0]
+    return OffloadCosts(cpu_matvec_gbs=cpu, pcie_gbs=g.h2d_gbs, gpu_gbs=g.mem_gbs,
+                        cpu_gflops=profile.cpu_gflops or 100.0,
+                        gpu_gflops=(g.tflops or 10.0) * 1000, ram_read_gbs=profile.ram_read_gbs,
+                        vram_bytes=g.vram_total_bytes, name=getattr(profile, "machine", ""))
+
+
 def load_costs(path: Path) -> OffloadCosts:
     return OffloadCosts.from_dict(json.loads(Path(path).read_text()))
 

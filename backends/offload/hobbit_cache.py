@@ -34,7 +34,7 @@ LRU = PriorityWeights(1.0, 0.0, 0.0, 0.0)
 LFU = PriorityWeights(0.0, 1.0, 0.0, 0.0)
 # Fitted by `benchmarks/replay_trace.py --fit` on the demo model's recorded traces
 # (see docs/benchmarks.md); the paper's own fitted values were not published.
-DEFAULT_WEIGHTS = PriorityWeights(0.25, 0.25, 0.25, 0.25)
+DEFAULT_WEIGHTS = PriorityWeights(lru=0.3, lfu=0.4, lhu=0.1, fld=0.2)
 
 
 @dataclass(slots=True)

@@ -104,3 +104,20 @@ def test_cost_rule_is_never_worse_than_either_fixed_rule(trace_name, request, ma
 
 def _as_dict(costs: OffloadCosts) -> dict:
     return {f: getattr(costs, f) for f in costs.__slots__}
+
+
+def test_costs_from_a_planner_profile():
+    from types import SimpleNamespace
+
+    from moechat.backends.offload.fiddler_policy import costs_from_hardware_profile
+
+    gpu = SimpleNamespace(unified=False, h2d_gbs=24.0, mem_gbs=900.0, tflops=80.0,
+                          vram_total_bytes=24 << 30)
+    profile = SimpleNamespace(gpus=(gpu,), cpu_matvec_gbs={"Q4_0": 40.0, "Q8_0": 50.0},
+                              cpu_gflops=800.0, ram_read_gbs=70.0, machine="box")
+    costs = costs_from_hardware_profile(profile, "Q8_0")
+    assert (costs.cpu_matvec_gbs, costs.pcie_gbs, costs.gpu_gbs) == (50.0, 24.0, 900.0)
+    assert costs_from_hardware_profile(profile, "F16").cpu_matvec_gbs == 50.0  # best measured
+    assert OnlineCostModel(costs).choose(MIXTRAL_Q4, 1) == "cpu"
+    no_gpu = SimpleNamespace(**{**vars(profile), "gpus": ()})
+    assert costs_from_hardware_profile(no_gpu, "Q8_0") is None
