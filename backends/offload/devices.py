@@ -65,33 +65,57 @@ class CopyStream:
 
 
 class StagingBuffer:
-    """One preallocated device buffer that a missed expert's weights are copied into.
+    """One preallocated device buffer that a missed expert's weights are copied into, fed
+    through one pinned host buffer of the same size (with CUDA) so the copy runs at full
+    PCIe speed without pinning the memory-mapped file.
 
-    `load` copies host tensors into consecutive slices (non-blocking from pinned memory)
-    and returns device views of the same dtypes and shapes. The views are only valid until
-    the next `load`, so one expert is staged at a time (the caller computes it first)."""
+    `load` copies host tensors into consecutive slices and returns device views of the same
+    dtypes and shapes. The views are only valid until the next `load`, so one expert is
+    staged at a time (the caller computes it first). `upload` makes fresh device tensors
+    (for a cache) through the same pinned buffer."""
 
     def __init__(self, nbytes: int, devices: Devices):
         self.devices = devices
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=devices.gpu)
+        self.host = torch.empty(nbytes, dtype=torch.uint8).pin_memory() if devices.has_cuda else None
 
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()
 
-    def load(self, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
-        """Copy `parts` (host tensors) in; returns (device views, bytes copied)."""
-        views, offset = [], 0
+    def _slices(self, parts: list[torch.Tensor]):
+        offset = 0
         for part in parts:
             n = part.numel() * part.element_size()
             offset = (offset + 255) // 256 * 256  # keep each slice aligned
             if offset + n > self.nbytes:
                 raise ValueError(f"staging buffer of {self.nbytes} bytes is too small")
-            dst = self.buffer[offset : offset + n].view(part.dtype).view(part.shape)
-            dst.copy_(part, non_blocking=self.devices.has_cuda)
-            views.append(dst)
+            yield part, offset, n
             offset += n
-        return views, offset
+
+    def load(self, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """Copy `parts` (host tensors) in; returns (device views, bytes copied)."""
+        views, total = [], 0
+        if self.host is not None:
+            torch.cuda.current_stream(self.devices.gpu).synchronize()  # the last copy is done with `host`
+        for part, offset, n in self._slices(parts):
+            dst = self.buffer[offset : offset + n].view(part.dtype).view(part.shape)
+            if self.host is None:
+                dst.copy_(part)
+            else:
+                src = self.host[offset : offset + n].view(part.dtype).view(part.shape)
+                src.copy_(part)  # pageable (the mapped file) -> pinned
+                dst.copy_(src, non_blocking=True)  # pinned -> device, async
+            views.append(dst)
+            total += n
+        return views, total
+
+    def upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Fresh device copies of `parts` (kept by the caller)."""
+        if self.host is None:
+            return [p.clone() for p in parts]
+        views, _ = self.load(parts)
+        return [v.clone() for v in views]
 
 
 class CpuWorker:

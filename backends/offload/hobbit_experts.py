@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from moechat.backends.offload.devices import CopyStream, Devices, pin
+from moechat.backends.offload.devices import CopyStream, Devices, StagingBuffer, pin
 from moechat.backends.offload.expert_compute import (
     DeviceExpert, combine, device_expert, host_parts, low_expert_forward, token_groups,
 )
@@ -41,6 +41,11 @@ class HobbitExperts:
         self.low: dict[tuple[int, int], tuple] = {}
         self.pending: dict[tuple[int, int], object] = {}  # prefetched, not yet checked -> copy event
         self.stream = CopyStream(devices)
+        biggest = max(store.expert(l, 0).nbytes for l in store.layers)
+        self.staging = StagingBuffer(biggest + 4 * 256, devices)  # pinned path for high loads
+        if devices.has_cuda:  # low copies are what prefetch moves: pin them for async copies
+            for key, parts in low.experts.items():
+                low.experts[key] = tuple(p.with_tensors([pin(t, devices) for t in p.tensors()]) for p in parts)
         self.stats = OffloadStats()
         self.recorder: TraceRecorder | None = None
         self.position = 0  # tokens of the sequence before this forward (set by the engine)
@@ -53,15 +58,13 @@ class HobbitExperts:
     # ---- loading ----------------------------------------------------------------------
     def _load_high(self, key) -> DeviceExpert:
         w = self.store.expert(*key)
-        parts = [pin(p, self.devices).to(self.devices.gpu, non_blocking=True) if self.devices.has_cuda
-                 else p.clone() for p in host_parts(w)]
         self.stats.bytes_copied += w.nbytes
-        return device_expert(w, parts)
+        return device_expert(w, self.staging.upload(host_parts(w)))
 
     def _load_low(self, key) -> tuple:
         parts = self.low_copies.experts[key]
         self.stats.bytes_copied += sum(p.nbytes for p in parts)
-        if self.devices.has_cuda:
+        if self.devices.has_cuda:  # pinned -> device, on the current (copy or compute) stream
             return tuple(p.to(self.devices.gpu) for p in parts)
         return tuple(p.with_tensors([t.clone() for t in p.tensors()]) for p in parts)
 

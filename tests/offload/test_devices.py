@@ -13,6 +13,8 @@ def test_staging_buffer_copies_and_refuses_overflow():
     (va, vb), n = buf.load([pin(a, dev), b])
     assert torch.equal(va, a) and torch.equal(vb, b) and n >= a.nbytes + b.nbytes
     assert va.data_ptr() != a.data_ptr()  # a real copy into the buffer
+    (up,) = buf.upload([a])
+    assert torch.equal(up, a) and up.data_ptr() not in (a.data_ptr(), va.data_ptr())
     try:
         buf.load([torch.zeros(5000, dtype=torch.uint8)])
     except ValueError:
