@@ -238,3 +238,23 @@ def _steps(trace) -> list[tuple[int, int]]:
 def _explicit_steps(step_tokens: np.ndarray) -> list[tuple[int, int]]:
     ends = np.cumsum(step_tokens)
     return [(int(e - n), int(e)) for n, e in zip(step_tokens, ends)]
+
+
+def decode_expert_seconds(costs: OffloadCosts, shape: ExpertShape, hit_rate: float,
+                          n_layers: int, top_k: int) -> float:
+    """Expected routed-expert time per decoded token, for the planner: per layer, top_k
+    selections each resident with probability `hit_rate`; a miss runs where it is cheaper
+    for one token (the CPU, overlapped with the GPU side, or a copy, serialised with it).
+    The expectation is over the number of misses k ~ Binomial(top_k, 1 - hit_rate)."""
+    from math import comb
+
+    gpu = gpu_seconds(costs, shape, 1, copy=False)
+    cpu = cpu_seconds(costs, shape, 1)
+    copy = gpu_seconds(costs, shape, 1, copy=True)
+    per_layer = 0.0
+    for k in range(top_k + 1):
+        p = comb(top_k, k) * (1 - hit_rate) ** k * hit_rate ** (top_k - k)
+        hits = (top_k - k) * gpu
+        t = max(hits, k * cpu) if cpu <= copy else hits + k * copy
+        per_layer += p * t
+    return n_layers * per_layer

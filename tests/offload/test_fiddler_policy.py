@@ -121,3 +121,16 @@ def test_costs_from_a_planner_profile():
     assert OnlineCostModel(costs).choose(MIXTRAL_Q4, 1) == "cpu"
     no_gpu = SimpleNamespace(**{**vars(profile), "gpus": ()})
     assert costs_from_hardware_profile(no_gpu, "Q8_0") is None
+
+
+def test_planner_decode_estimate_matches_trace_replay(demo_trace, machine):
+    from moechat.backends.offload.fiddler_policy import decode_expert_seconds
+
+    trace = demo_trace.decode_only()
+    placement = place_experts(popularity_ranking(trace.counts()), 1, trace.n_layers * trace.n_experts // 2)
+    run = replay_fiddler(trace, placement, machine, MIXTRAL_Q4, "cost",
+                         step_tokens=np.ones(trace.n_tokens, int))
+    per_token = decode_expert_seconds(machine, MIXTRAL_Q4, run.gpu_hit_rate, trace.n_layers, trace.top_k)
+    # the closed form assumes independent misses; the replay sees them as they came
+    assert per_token == pytest.approx(run.overlapped_seconds / trace.n_tokens, rel=0.1)
+    assert decode_expert_seconds(machine, MIXTRAL_Q4, 1.0, 1, 2) < decode_expert_seconds(machine, MIXTRAL_Q4, 0.0, 1, 2)
