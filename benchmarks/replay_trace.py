@@ -2,6 +2,7 @@
 
     python benchmarks/replay_trace.py record [--model GGUF] [--decode 32] OUT.npz
     python benchmarks/replay_trace.py replay TRACE.npz [--budget 0.25] [--fit] [--skip]
+    python benchmarks/replay_trace.py fiddler TRACE.npz [--profiles P.json ...]
 
 `record` runs the torch runtime over varied prompts (prefill, then greedy decode) and
 saves every layer's expert ids, gate weights and stacked-router guesses. `replay` prints,
@@ -105,6 +106,44 @@ def replay_cmd(args) -> int:
     return 0
 
 
+def fiddler_cmd(args) -> int:
+    """Fiddler's placement and decisions on a trace, for each machine profile: calibrate on
+    the first half, replay the second, Mixtral-8x7B-sized Q4_0 experts."""
+    import json
+
+    import numpy as np
+
+    from moechat.backends.offload.fiddler_policy import (
+        ExpertShape, OffloadCosts, crossover_tokens, decode_expert_seconds, hit_rate,
+        place_experts, popularity_ranking, replay_fiddler)
+    from moechat.backends.offload.trace import load_trace
+
+    trace = load_trace(Path(args.trace))
+    calib, held = trace.split(0.5)
+    shape = ExpertShape(weight_bytes=3 * 4096 * 14336 * 9 // 16, params=3 * 4096 * 14336, hidden=4096)
+    decode = held.decode_only()
+    print(f"trace {args.trace}: calibrate on {calib.n_tokens} tokens, replay {held.n_tokens} "
+          f"({decode.n_tokens} decoded); experts sized as Mixtral-8x7B Q4_0 ({shape.weight_bytes / 1e6:.0f} MB)")
+    print(f"{'machine':<48} {'budget':>6} {'hit rate':>8} {'reverse':>8} {'copy from n':>11} "
+          f"{'decode ms/tok':>13} {'all-CPU ms/tok':>14} {'prefill copies':>14}")
+    for path in args.profiles:
+        costs = OffloadCosts.from_dict(json.loads(Path(path).read_text()))
+        for share in (0.25, 0.5):
+            budget = int(share * trace.n_layers * trace.n_experts)
+            placement = place_experts(popularity_ranking(calib.counts()), 1, budget)
+            reverse = place_experts(popularity_ranking(-calib.counts()), 1, budget)
+            ones = np.ones(decode.n_tokens, int)
+            run = replay_fiddler(decode, placement, costs, shape, "cost", step_tokens=ones)
+            cpu_only = replay_fiddler(decode, frozenset(), costs, shape, "cpu", step_tokens=ones)
+            prefill = replay_fiddler(held, placement, costs, shape, "cost",
+                                     step_tokens=np.diff([*held.seq_starts, held.n_tokens]))
+            print(f"{costs.name[:48]:<48} {share:>6.0%} {hit_rate(held.counts(), placement):>8.1%} "
+                  f"{hit_rate(held.counts(), reverse):>8.1%} {crossover_tokens(costs, shape):>11} "
+                  f"{1000 * run.overlapped_seconds / decode.n_tokens:>13.2f} "
+                  f"{1000 * cpu_only.overlapped_seconds / decode.n_tokens:>14.2f} {prefill.experts_copied:>14}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -124,8 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip", action="store_true")
     p.add_argument("--t1", type=float, default=0.6, help="HOBBIT's T1 (high-precision threshold)")
     p.add_argument("--decode-only", action="store_true")
+    f = sub.add_parser("fiddler")
+    f.add_argument("trace")
+    f.add_argument("--profiles", nargs="+", default=sorted(
+        str(p) for p in (Path(__file__).resolve().parents[1] / "tests/fixtures/offload_profiles").glob("*.json")))
     args = parser.parse_args(argv)
-    return record(args) if args.cmd == "record" else replay_cmd(args)
+    return {"record": record, "replay": replay_cmd, "fiddler": fiddler_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":
