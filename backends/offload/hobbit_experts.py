@@ -29,6 +29,9 @@ from moechat.backends.offload.stats import OffloadStats
 from moechat.backends.offload.trace import TraceRecorder
 
 
+PIN_LIMIT = 4 * 1024**3  # pin the low copies only up to this much page-locked RAM
+
+
 class HobbitExperts:
     def __init__(self, store, devices: Devices, low: LowCopies, cache: HobbitCache,
                  stacked_routers: torch.Tensor, n_experts: int, top_k: int, dtype: torch.dtype,
@@ -43,7 +46,8 @@ class HobbitExperts:
         self.stream = CopyStream(devices)
         biggest = max(store.expert(l, 0).nbytes for l in store.layers)
         self.staging = StagingBuffer(biggest + 4 * 256, devices)  # pinned path for high loads
-        if devices.has_cuda:  # low copies are what prefetch moves: pin them for async copies
+        low_total = sum(low.expert_bytes(k) for k in low.experts)
+        if devices.has_cuda and low_total <= PIN_LIMIT:  # what prefetch moves: pinned copies run async
             for key, parts in low.experts.items():
                 low.experts[key] = tuple(p.with_tensors([pin(t, devices) for t in p.tensors()]) for p in parts)
         self.stats = OffloadStats()
