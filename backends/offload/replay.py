@@ -156,3 +156,12 @@ def fit_weights(trace: RoutingTrace, plan: CachePlan, step: float = 0.25,
             if best is None or moved < best[1]:
                 best = (w, moved, fraction)
     return best
+
+
+def decode_traffic(trace: RoutingTrace, plan: CachePlan, weights: PriorityWeights,
+                   t1: float = T1, prefetch: bool = True) -> tuple[float, float]:
+    """For the planner: HOBBIT's hit rate and host->GPU bytes per decoded token on a
+    recorded trace (prompts dropped), at this cache plan. Returns (hit rate, bytes/token)."""
+    decode = trace.decode_only()
+    r = replay(decode, plan, weights, mixed=True, prefetch=prefetch, t1=t1)
+    return r.hit_rate, r.bytes_moved / max(decode.n_tokens, 1)

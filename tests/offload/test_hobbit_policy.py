@@ -116,3 +116,13 @@ def test_fitted_weights_do_no_worse_than_lru_on_held_out(synthetic_trace):
     best, moved, _ = fit_weights(fit, plan, step=0.5)
     assert moved <= replay(fit, plan, LRU, prefetch=False).bytes_moved
     assert replay(held, plan, best, prefetch=False).bytes_moved <= 1.1 * replay(held, plan, LRU, prefetch=False).bytes_moved
+
+
+def test_decode_traffic_falls_with_the_budget(demo_trace):
+    from moechat.backends.offload.replay import decode_traffic
+
+    small, large = (CachePlan(int(s * 240 * 1000), 1000, 312) for s in (0.25, 0.75))
+    hit_s, bytes_s = decode_traffic(demo_trace, small, PriorityWeights())
+    hit_l, bytes_l = decode_traffic(demo_trace, large, PriorityWeights())
+    assert hit_l > hit_s and bytes_l < bytes_s
+    assert 0 < bytes_s <= demo_trace.n_layers * demo_trace.top_k * 1000 + demo_trace.n_layers * 2 * 312
