@@ -21,7 +21,7 @@ def _ask(*args, timeout=300):
 @pytest.mark.slow
 def test_ask_hobbit_answers_paris_with_json_stats(demo_model):
     out = _ask("--model", str(demo_model), "--engine", "hobbit", "--threads", "1",
-               "--vram-budget", "40%", "--max-tokens", "12", "--json", PARIS)
+               "--vram-budget", "40%", "--max-tokens", "10", "--json", PARIS)
     assert out.returncode == 0, out.stderr
     reply = json.loads(out.stdout)
     assert "Paris" in reply["text"] and reply["engine"] == "hobbit"
@@ -32,7 +32,6 @@ def test_ask_hobbit_answers_paris_with_json_stats(demo_model):
 @pytest.mark.parametrize("args, message", [
     (["--engine", "hobbit", "--vram-budget", "lots"], "--vram-budget: not a size"),
     (["--engine", "fiddler", "--skip"], "hobbit engine options"),
-    (["--engine", "fiddler", "--n-cpu-moe", "2"], "llama.cpp engine option"),
 ])
 def test_bad_offload_options_fail_in_one_line(demo_model, args, message):
     out = _ask("--model", str(demo_model), *args, PARIS, timeout=60)

@@ -13,8 +13,7 @@ from moechat.backends.offload.calibration import CALIBRATION_PROMPTS
 
 DEMO_TOLERANCE = 2.5  # the runtime's documented max |logit difference| on the demo model
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-TEXT = ("The quick brown fox jumps over the lazy dog. In 1889 the Eiffel Tower opened in Paris, "
-        "and def add(a, b): return a + b")
+TEXT = "In 1889 the Eiffel Tower opened in Paris; def add(a, b): return a + b"
 
 pytestmark = pytest.mark.slow
 
@@ -75,10 +74,9 @@ def test_fiddler_all_on_cpu_equals_the_runtime(runtime):
     assert fx.stats.experts_on_cpu > 0 and fx.stats.gpu_hits == 0 and fx.stats.bytes_copied == 0
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fiddler_mixed_placements_agree_with_the_runtime(runtime, seed):
+def test_fiddler_mixed_placements_agree_with_the_runtime(runtime):
     model, tokens, ref = runtime
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     pairs = [(l, e) for l in range(30) for e in range(8)]
     resident = frozenset(p for p in pairs if rng.random() < 0.4)
     force = {p: ("cpu" if rng.random() < 0.5 else "copy") for p in pairs}
@@ -116,12 +114,12 @@ def test_fiddler_engine_answers_with_stats(demo_model, isolated_cache):
     from moechat.backends.fiddler_engine import FiddlerEngine
     from moechat.backends.model_card import read_model_card
 
-    prompts = CALIBRATION_PROMPTS[:3]  # a short calibration keeps the test fast
+    prompts = CALIBRATION_PROMPTS[:2]  # a short calibration keeps the test fast
     engine = FiddlerEngine(read_model_card(demo_model), n_ctx=256, threads=1,
                            vram_budget=("share", 0.5), progress=False, calibration_prompts=prompts)
     try:
         assert len(list((isolated_cache / "calibration").glob("*.json"))) == 1
-        events = list(engine.generate(PARIS, Sampling(max_tokens=12)))
+        events = list(engine.generate(PARIS, Sampling(max_tokens=10)))
     finally:
         engine.close()
     text = "".join(e.text for e in events)
