@@ -36,7 +36,6 @@ FIRST_HEADER_CHUNK = 256 * 1024  # grown by doubling until the header is parsed
 MAX_REMOTE_HEADER = 64 * 1024 * 1024
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-HUB_SPEC_RE = re.compile(r"^([\w.-]+/[\w.-]+):(.+\.gguf)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +46,6 @@ class HubFile:
     filename: str
     size: int | None = None
     sha256: str | None = None
-
-
-def parse_hub_spec(spec: str) -> tuple[str, str] | None:
-    """`org/name:file.gguf` -> (repo, file); None when `spec` is not of that form."""
-    m = HUB_SPEC_RE.match(spec)
-    return (m.group(1), m.group(2)) if m else None
 
 
 def model_files(filename: str) -> list[str]:
