@@ -26,7 +26,8 @@ from urllib.parse import urlparse
 from huggingface_hub import constants, errors as hf_errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.file_download import http_get, repo_folder_name
-from huggingface_hub.utils import build_hf_headers, get_session
+from huggingface_hub.utils import WeakFileLock, build_hf_headers, get_session
+from filelock import Timeout
 from tqdm import tqdm
 
 from moechat.backends.errors import MoechatError
@@ -179,10 +180,14 @@ def _fetch_blob(item: HubFile, meta, url: str, blob: Path, progress: bool, token
     headers = build_hf_headers(token=token)
     if urlparse(meta.location).netloc != urlparse(url).netloc:
         headers.pop("authorization", None)  # signed CDN URLs must not get the hub token
+    lock = cache_root() / ".locks" / "moechat" / f"{blob.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(partial, "ab") as f:
+        with WeakFileLock(lock, timeout=1), open(partial, "ab") as f:
             http_get(meta.location, f, resume_size=have, headers=headers, expected_size=meta.size,
                      displayed_filename=Path(item.filename).name, tqdm_class=_bar_class(progress))
+    except Timeout:
+        raise MoechatError(f"{item.repo}:{item.filename} is being downloaded by another process") from None
     except OSError as err:
         if err.errno in DISK_FULL_ERRNOS:
             raise MoechatError(

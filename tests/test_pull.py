@@ -267,8 +267,17 @@ def test_models_json_works_offline_and_marks_what_is_local(hub, env):
     assert table.returncode == 0 and "tiny-moe:F16" in table.stdout
 
 
-def test_rm_deletes_the_files_and_says_so(hub, env):
+def test_pulled_model_resolves_by_name_then_rm_deletes_it(hub, env, monkeypatch):
+    from huggingface_hub import constants
+
+    from moechat.backends.model_resolve import resolve_model
+
     path = Path(moechat(env, "pull", "tiny-moe", "--quiet").stdout.strip())
+    monkeypatch.setenv("MOECHAT_CATALOGUE", env["MOECHAT_CATALOGUE"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(env["HF_HOME"]) / "hub"))
+    assert resolve_model("tiny-moe") == path  # what ask and the TUI use
+    assert resolve_model(f"{REPO}:{FILE}") == path
+
     result = moechat(env, "rm", "tiny-moe")
     assert result.returncode == 0, result.stderr
     assert "removed tiny-moe:F16" in result.stdout
@@ -315,3 +324,14 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_second_pull_of_the_same_file_waits_its_turn(hub, env):
+    from filelock import FileLock
+
+    lock = Path(env["HF_HOME"]) / "hub" / ".locks" / "moechat" / f"{hub.sha256(REPO, FILE)}.lock"
+    lock.parent.mkdir(parents=True)
+    with FileLock(lock):
+        line = one_line_error(moechat(env, "pull", "tiny-moe", "--quiet"))
+    assert "being downloaded by another process" in line
+    assert moechat(env, "pull", "tiny-moe", "--quiet").returncode == 0
