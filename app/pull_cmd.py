@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     if ref.local is None:
         sha = ref.sha256 or (None,) * len(ref.files)
-        files = [hub.HubFile(ref.repo, name, sha256=digest) for name, digest in zip(ref.files, sha)]
+        size = ref.size_bytes if len(ref.files) == 1 else None  # the catalogue's, checked up front
+        files = [hub.HubFile(ref.repo, name, size=size, sha256=digest) for name, digest in zip(ref.files, sha)]
         try:
             path = hub.download(files, progress=not args.quiet)[0]
         except KeyboardInterrupt:

@@ -126,8 +126,9 @@ def remove(repo: str, files: list[str]) -> int:
         if is_link and blob.exists() and not _other_links(storage, blob):
             freed += blob.stat().st_size
             blob.unlink()
-    if storage.exists() and not any(p.is_file() for p in (storage / "snapshots").rglob("*")):
-        shutil.rmtree(storage, ignore_errors=True)
+    left = [p for folder in ("blobs", "snapshots") for p in (storage / folder).rglob("*") if p.is_file()]
+    if storage.exists() and not left:
+        shutil.rmtree(storage, ignore_errors=True)  # nothing of this repo is left
     return freed
 
 

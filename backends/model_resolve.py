@@ -24,7 +24,8 @@ class ModelRef:
     repo: str | None = None  # hub repo, for catalogue and repo:file specs
     files: tuple[str, ...] = ()  # every file of the model in that repo
     catalogue_name: str | None = None  # NAME:QUANT when it came from the catalogue
-    sha256: tuple[str, ...] | None = None
+    sha256: tuple[str, ...] | None = None  # per file, when the catalogue confirms them
+    size_bytes: int | None = None  # whole model, when the catalogue confirms it
 
     @property
     def on_hub(self) -> bool:
@@ -53,7 +54,7 @@ def lookup(spec: str) -> ModelRef:
 
         entry, quant = found
         return ModelRef(spec, hub.local_model(quant.repo, list(quant.files)), quant.repo,
-                        quant.files, f"{entry.name}:{quant.quant}", quant.sha256)
+                        quant.files, f"{entry.name}:{quant.quant}", quant.sha256, quant.size_bytes)
     if path.suffix == ".gguf" or "/" in spec or "\\" in spec:
         return ModelRef(spec, path)  # read_model_card reports the missing file
     raise catalogue.unknown_model_error(spec)

@@ -54,6 +54,20 @@ repo = "{REPO}"
 files = ["sub/tiny-split-00001-of-00002.gguf", "sub/tiny-split-00002-of-00002.gguf"]
 source = "tests/hub_server.py"
 
+[models.stale-size]
+family = "test"
+architecture = "llama"
+params_total_b = 0.01
+params_active_b = 0.005
+context_length = 4096
+license = "apache-2.0"
+source = "tests/hub_server.py"
+[models.stale-size.quants.F16]
+repo = "{REPO}"
+files = ["{FILE}"]
+size_bytes = 123
+source = "tests/hub_server.py"
+
 [models.gated-moe]
 family = "test"
 architecture = "llama"
@@ -294,6 +308,12 @@ def test_unknown_model_suggests_close_names(env):
     assert "unknown model 'no-such-model'" in one_line_error(moechat(env, "pull", "no-such-model"))
     assert "did you mean tiny-moe" in one_line_error(moechat(env, "pull", "tiny-mo"))
     assert "offered: F16" in one_line_error(moechat(env, "pull", "tiny-moe:Q9_9"))
+
+
+def test_catalogue_size_that_disagrees_with_the_hub_stops_the_pull(hub, env):
+    line = one_line_error(moechat(env, "pull", "stale-size"))
+    assert "catalogue says 123" in line and "out of date" in line
+    assert hub.gets(FILE) == []  # stopped before downloading
 
 
 def test_no_network(env):
