@@ -166,6 +166,17 @@ def download(files: list[HubFile], progress: bool = True, token: str | bool | No
 
 def _fetch_blob(item: HubFile, meta, url: str, blob: Path, progress: bool, token) -> None:
     blob.parent.mkdir(parents=True, exist_ok=True)
+    lock = cache_root() / ".locks" / "moechat" / f"{blob.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with WeakFileLock(lock, timeout=1):
+            _fetch_locked(item, meta, url, blob, progress, token)
+    except Timeout:
+        raise MoechatError(f"{item.repo}:{item.filename} is being downloaded by another process") from None
+
+
+def _fetch_locked(item: HubFile, meta, url: str, blob: Path, progress: bool, token) -> None:
+    """Append to the partial blob from where it stopped, verify it, move it into place."""
     partial = blob.with_name(f"{blob.name}.moechat-{_safe_name(item.filename)}.incomplete")
     have = partial.stat().st_size if partial.exists() else 0
     if meta.size is not None and have > meta.size:
@@ -181,14 +192,10 @@ def _fetch_blob(item: HubFile, meta, url: str, blob: Path, progress: bool, token
     headers = build_hf_headers(token=token)
     if urlparse(meta.location).netloc != urlparse(url).netloc:
         headers.pop("authorization", None)  # signed CDN URLs must not get the hub token
-    lock = cache_root() / ".locks" / "moechat" / f"{blob.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with WeakFileLock(lock, timeout=1), open(partial, "ab") as f:
+        with open(partial, "ab") as f:
             http_get(meta.location, f, resume_size=have, headers=headers, expected_size=meta.size,
                      displayed_filename=Path(item.filename).name, tqdm_class=_bar_class(progress))
-    except Timeout:
-        raise MoechatError(f"{item.repo}:{item.filename} is being downloaded by another process") from None
     except OSError as err:
         if err.errno in DISK_FULL_ERRNOS:
             raise MoechatError(
