@@ -1,8 +1,10 @@
 """A fake Hugging Face Hub on 127.0.0.1 for offline tests, and small GGUFs to serve from it.
 
-Serves `/{org}/{name}/resolve/{revision}/{file}` like the hub does for LFS files: HEAD and
-GET with `X-Repo-Commit`, an `ETag` that is the file's sha256, `Accept-Ranges`, and 206
-answers to `Range: bytes=a-b`. It logs every request with the bytes it actually sent, so a
+Serves `/{org}/{name}/resolve/{revision}/{file}` like the hub does for LFS files: a 302 to a
+"CDN" on another host name (`localhost` instead of `127.0.0.1`, so the client must drop its
+token) carrying `X-Repo-Commit`, `X-Linked-Etag` (the file's sha256) and `X-Linked-Size`;
+the CDN answers HEAD and GET with `Accept-Ranges` and 206 answers to `Range: bytes=a-b`.
+With `cdn=False` the resolve URL serves the bytes itself. It logs every request with the bytes it actually sent, so a
 test can check that a resume asked for the right range or that a header read stayed small.
 Knobs: `gated` repos (401 without a token, 403 with a wrong one), `corrupt` files (one byte
 flipped, headers unchanged), and `rate` (bytes/s) to slow a download down enough to kill it.
@@ -38,6 +40,7 @@ class FakeHub:
     gated: set = field(default_factory=set)  # repos that need GOOD_TOKEN
     corrupt: set = field(default_factory=set)  # filenames served with one byte flipped
     rate: float | None = None  # bytes per second, None = as fast as possible
+    cdn: bool = True  # redirect downloads to a CDN host, as the hub does for LFS files
     log: list = field(default_factory=list)
 
     def add(self, repo: str, filename: str, path: Path) -> None:
@@ -61,7 +64,8 @@ class FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.port = self._server.server_address[1]
+        return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -92,11 +96,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, body: bool):
-        parts = unquote(self.path.split("?")[0]).lstrip("/").split("/", 4)
+        state = self.state
+        url_path = unquote(self.path.split("?")[0]).lstrip("/")
+        if url_path.startswith("cdn/") and url_path.count("/") >= 3:
+            org, name, filename = url_path[len("cdn/"):].split("/", 2)
+            path = state.files.get((f"{org}/{name}", filename))
+            if path is None or self.headers.get("Authorization"):  # the hub token must not leak here
+                return self._error(403, "", f"{org}/{name}", filename)
+            return self._send_file(f"{org}/{name}", filename, path, body, {})
+        parts = url_path.split("/", 4)
         if len(parts) < 5 or parts[2] != "resolve":
             return self._error(404, "RepoNotFound", "", "")
         repo, filename = f"{parts[0]}/{parts[1]}", parts[4]
-        state = self.state
         if repo not in {r for r, _ in state.files}:
             return self._error(401, "RepoNotFound", repo, filename)
         if repo in state.gated:
@@ -108,7 +119,22 @@ class _Handler(BaseHTTPRequestHandler):
         path = state.files.get((repo, filename))
         if path is None:
             return self._error(404, "EntryNotFound", repo, filename)
+        hub_headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{_sha256(path)}"'}
+        if state.cdn:
+            state.log.append(Served("REDIRECT", repo, filename, 302, None))
+            self.send_response(302)
+            for key, value in hub_headers.items():
+                self.send_header(key, value)
+            self.send_header("X-Linked-Etag", f'"{_sha256(path)}"')
+            self.send_header("X-Linked-Size", str(path.stat().st_size))
+            self.send_header("Location", f"http://localhost:{state.port}/cdn/{repo}/{filename}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self._send_file(repo, filename, path, body, hub_headers)
 
+    def _send_file(self, repo: str, filename: str, path: Path, body: bool, extra: dict):
+        state = self.state
         size = path.stat().st_size
         start, end = 0, size - 1
         status = 200
@@ -123,8 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
         record = Served(self.command, repo, filename, status, start if status == 206 else None)
         state.log.append(record)
         self.send_response(status)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", f'"{_sha256(path)}"')
+        for key, value in extra.items():
+            self.send_header(key, value)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(end - start + 1))
         if status == 206:

@@ -112,6 +112,7 @@ def hub(fake_hub):
     yield fake_hub
     fake_hub.corrupt.clear()
     fake_hub.rate = None
+    fake_hub.cdn = True
     fake_hub.log.clear()
 
 
@@ -157,7 +158,8 @@ def test_pull_shows_progress_verifies_and_lands_in_the_hub_cache(hub, env, fixtu
     assert path.name == FILE and f"models--{REPO.replace('/', '--')}" in str(path)
     assert sha256(path) == sha256(fixture_files["single"])
     assert "100%" in result.stderr and FILE in result.stderr  # the tqdm bar ran to the end
-    assert [r.range_start for r in hub.gets(FILE)] == [None]  # one whole-file GET
+    assert [r.range_start for r in hub.gets(FILE)] == [None]  # one whole-file GET...
+    assert {r.status for r in hub.log if r.method == "REDIRECT"} == {302}  # ...from the "CDN"
 
     again = moechat(env, "pull", "tiny-moe:f16")  # quant names are case-insensitive
     assert again.returncode == 0 and Path(again.stdout.strip()) == path
@@ -219,9 +221,11 @@ def test_split_gguf_pulls_every_shard_and_reads_as_one_model(hub, env, fixture_f
     assert listed["tiny-split:F16"]["local"] and listed["tiny-split:F16"]["size_bytes"] == card.file_bytes
 
 
-def test_hub_repo_file_spec_pulls_too(hub, env, fixture_files):
+def test_hub_repo_file_spec_pulls_too_from_a_server_without_cdn(hub, env, fixture_files):
+    hub.cdn = False  # small git files, and mirrors, answer on the resolve URL itself
     result = moechat(env, "pull", f"{REPO}:{FILE}", "--quiet")
     assert result.returncode == 0, result.stderr
+    assert not [r for r in hub.log if r.method == "REDIRECT"]
     assert sha256(result.stdout.strip()) == sha256(fixture_files["single"])
 
 
