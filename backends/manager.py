@@ -6,6 +6,8 @@ checked against this machine's memory (unless the user passed --force).
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 from moechat.backends.errors import MoechatError
@@ -29,6 +31,8 @@ def available_memory() -> Memory:
 
 
 def _vram_free() -> int:
+    if sys.platform == "linux" and not os.path.exists("/dev/nvidiactl"):
+        return 0  # no NVIDIA driver loaded: skip importing NVML (start-up time)
     try:
         import pynvml
 

@@ -1,8 +1,9 @@
 """Start-up time of one-shot commands, up to the point where a model would load.
 
-`moechat ask` on a missing file exits right after argument parsing and model-card checks,
-i.e. just before llama.cpp would load: that wall time is the start-up a user waits before
-any model work. Best of N runs (start-up is noise-sensitive, the minimum is the cost).
+`moechat ask` on a model too big for this machine (a sparse GGUF claiming 256 GiB) runs
+argument parsing, the GGUF header read (model card) and the memory-fit check, then stops
+exactly where llama.cpp would start loading: that wall time is the start-up a user waits
+before any model work. Best of N runs (start-up is noise-sensitive, the minimum is the cost).
 
     python benchmarks/startup.py [--runs 10]
 """
@@ -12,13 +13,21 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fixtures.bad_ggufs import write_header_only_model  # noqa: E402
+
+HUGE = write_header_only_model(Path(tempfile.mkdtemp()) / "huge.gguf", hidden=4096, n_heads=32,
+                               tensor_rows=2**24)
 
 COMMANDS = {
     "python -c pass (interpreter alone)": [sys.executable, "-c", "pass"],
     "moechat --help": [sys.executable, "-m", "moechat", "--help"],
-    "moechat ask (until model load)": [sys.executable, "-m", "moechat", "ask", "--model",
-                                       "/nonexistent/model.gguf", "hi"],
+    "moechat ask (header read + fit check, until model load)": [
+        sys.executable, "-m", "moechat", "ask", "--model", str(HUGE), "hi"],
 }
 
 

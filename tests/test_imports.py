@@ -9,7 +9,10 @@ import sys
 CHECK = """
 import sys
 from moechat.app.cli import main
-code = main({argv!r})
+try:
+    code = main({argv!r})
+except SystemExit as exit:  # argparse exits after printing --help
+    code = exit.code
 heavy = sorted(m for m in ("textual", "torch", "rich") if m in sys.modules)
 print("HEAVY", heavy, "CODE", code)
 """
