@@ -15,7 +15,7 @@ HELP = "ask one question and stream the answer (reads extra context from stdin w
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default="", help="the question (or read from stdin)")
-    parser.add_argument("--model", "-m", help="GGUF path (default: the built-in demo MoE)")
+    parser.add_argument("--model", "-m", help="GGUF path, catalogue NAME[:QUANT] or hub org/repo:file.gguf (default: the built-in demo MoE)")
     parser.add_argument("--system", "-s", help="system prompt")
     parser.add_argument("--max-tokens", type=_positive_int, default=512, metavar="N")
     parser.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
