@@ -72,6 +72,11 @@ class ModelCard:
     expert_ffn_size: int
     kv_lora_rank: int  # deepseek2 MLA; 0 elsewhere
     tensors: tuple[TensorInfo, ...]
+    # MLA files (deepseek2 as converted today) store the latent as one KV head of
+    # head_dim_k = kv_lora_rank + rope dims; these are the per-head sizes it expands to.
+    # 0 when absent, e.g. older deepseek2 files with an unsplit attn_kv_b (cached as MHA).
+    head_dim_k_mla: int = 0
+    head_dim_v_mla: int = 0
 
     # ---- derived ---------------------------------------------------------------------
     @property
@@ -133,11 +138,17 @@ class ModelCard:
         return self.dense_active_bytes_per_token + self.active_expert_bytes_per_token
 
     @property
+    def is_mla(self) -> bool:
+        """llama.cpp's test (llama_hparams::is_mla): both MLA head sizes are in the file."""
+        return self.head_dim_k_mla > 0 and self.head_dim_v_mla > 0
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """f16 K and V for every layer (MLA models cache the compressed latent instead)."""
-        if self.kv_lora_rank:
-            rope_dim = max(0, self.head_dim_k - self.kv_lora_rank)
-            return self.n_layers * (self.kv_lora_rank + rope_dim) * 2
+        """f16 K and V for every layer, as llama.cpp allocates them. MLA caches only the
+        latent (kv_lora_rank + rope dims, one "head") as K and no V; sliding-window layers
+        count in full because llama-cpp-python allocates full-size SWA caches (swa_full)."""
+        if self.is_mla:
+            return self.n_layers * self.n_kv_heads * self.head_dim_k * 2
         return self.n_layers * self.n_kv_heads * (self.head_dim_k + self.head_dim_v) * 2
 
     def tensor(self, name: str) -> TensorInfo | None:
@@ -243,6 +254,8 @@ def card_from_headers(path: str, headers: list[GGUFHeader], file_sizes: list[int
         expert_ffn_size=expert_ffn,
         kv_lora_rank=meta.int(f"{arch}.attention.kv_lora_rank", 0),
         tensors=tensors,
+        head_dim_k_mla=meta.int(f"{arch}.attention.key_length_mla", 0),
+        head_dim_v_mla=meta.int(f"{arch}.attention.value_length_mla", 0),
     )
     _check_geometry(card)
     return card
