@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from moechat.backends.model_card import read_model_card
     from moechat.backends.model_resolve import resolve_model
 
-    from moechat.app.history import History, ReplyWriter, chat_messages, title_from
+    from moechat.app.history import History, ReplyWriter, chat_messages, reply_stats, title_from
 
     question = _read_question(args.prompt)
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if last is None or last.finish_reason == "error":
         writer.finish("error")
         raise MoechatError(last.error if last and last.error else "the engine produced nothing")
-    writer.finish("done", stats=_reply_stats(last, engine.name))
+    writer.finish("done", stats=reply_stats(last, engine.name, len(token_ids)))
     history.close()
     text = writer.parts
     if args.json:
@@ -124,11 +124,6 @@ def _conversation_to_continue(history, args: argparse.Namespace) -> int | None:
     if args.continue_last:
         return history.last_conversation_id()
     return None
-
-
-def _reply_stats(last, engine_name: str) -> dict:
-    return {"engine": engine_name, "prefill_tok_s": round(last.prefill_tok_s, 2),
-            "decode_tok_s": round(last.decode_tok_s, 2), "finish_reason": last.finish_reason}
 
 
 def _read_question(prompt: str) -> str:

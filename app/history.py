@@ -225,6 +225,29 @@ class ReplyWriter:
         self.history.update_message(self.mid, self.text, status=status, stats=stats)
 
 
+def reply_stats(last, engine_name: str, n_tokens: int) -> dict:
+    """What is stored with a reply (and shown under it): the final Event's figures."""
+    stats = {"engine": engine_name, "tokens": n_tokens,
+             "prefill_tok_s": round(last.prefill_tok_s, 2),
+             "decode_tok_s": round(last.decode_tok_s, 2), "finish_reason": last.finish_reason}
+    stats.update({k: v for k, v in last.stats.items() if k != "placement"})
+    return stats
+
+
+def export_markdown(history: History, cid: int) -> str:
+    conversation = history.conversation(cid)
+    if conversation is None:
+        return ""
+    out = [f"# {conversation.title}", ""]
+    if conversation.system_prompt:
+        out += ["**System:**", "", conversation.system_prompt, ""]
+    for m in history.messages(cid):
+        who = "You" if m.role == "user" else f"Assistant ({m.model})" if m.model else "Assistant"
+        note = "" if m.status == "done" else f" *[{m.status}]*"
+        out += [f"**{who}:**{note}", "", m.content, ""]
+    return "\n".join(out)
+
+
 def migrate(db: sqlite3.Connection) -> int:
     """Bring the file up to len(MIGRATIONS); returns the version it was at."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
