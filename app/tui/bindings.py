@@ -1,4 +1,6 @@
-"""Every key binding of the TUI, in one place (shown by the help screen)."""
+"""Every key binding of the TUI, in one place (shown by the help screen).
+
+App keys avoid the prompt's own editing keys (TextArea: ctrl+a/e/k/u/w/x/c/v/z/y/d)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ APP_BINDINGS = [
     Binding("escape", "stop", "Stop reply", show=False),
     Binding("ctrl+n", "new_chat", "New chat"),
     Binding("ctrl+r", "regenerate", "Regenerate"),
-    Binding("ctrl+e", "edit_last", "Edit last"),
+    Binding("ctrl+l", "edit_last", "Edit last"),
     Binding("ctrl+o", "switch_model", "Model"),
     Binding("f1", "help", "Help"),
     Binding("question_mark", "help", "Help", show=False),
-    Binding("ctrl+y", "copy_reply", "Copy reply", show=False),
-    Binding("ctrl+b", "copy_code", "Copy code block", show=False),
+    Binding("f7", "copy_reply", "Copy reply", show=False),
+    Binding("f8", "copy_code", "Copy code block", show=False),
     Binding("ctrl+s", "export", "Export .md", show=False),
     Binding("f2", "rename", "Rename chat", show=False),
     Binding("f3", "system_prompt", "System prompt", show=False),
