@@ -1,6 +1,6 @@
 """Every key binding of the TUI, in one place (shown by the help screen).
 
-App keys avoid the prompt's own editing keys (TextArea: ctrl+a/e/k/u/w/x/c/v/z/y/d)."""
+App keys avoid the prompt's own editing keys (TextArea: ctrl+a/e/k/u/w/x/c/v/z/y/d, f6, f7)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ APP_BINDINGS = [
     Binding("ctrl+o", "switch_model", "Model"),
     Binding("f1", "help", "Help"),
     Binding("question_mark", "help", "Help", show=False),
-    Binding("f7", "copy_reply", "Copy reply", show=False),
+    Binding("ctrl+t", "copy_reply", "Copy reply", show=False),
     Binding("f8", "copy_code", "Copy code block", show=False),
     Binding("ctrl+s", "export", "Export .md", show=False),
     Binding("f2", "rename", "Rename chat", show=False),
     Binding("f3", "system_prompt", "System prompt", show=False),
     Binding("f4", "temperature", "Temperature", show=False),
     Binding("f5", "max_tokens", "Max tokens", show=False),
-    Binding("f6", "show_plan", "Show plan", show=False),
+    Binding("f9", "show_plan", "Show plan", show=False),
     Binding("ctrl+f", "search", "Search chats", show=False),
     Binding("ctrl+q", "quit", "Quit", priority=True),
 ]

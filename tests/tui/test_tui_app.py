@@ -197,10 +197,10 @@ async def test_help_and_plan_screens(make_app):
         assert type(app.screen).__name__ == "HelpScreen"
         help_text = app.screen.query_one("Markdown").source
         for key, what in (("ctrl+r", "Regenerate"), ("escape", "Stop reply"),
-                          ("f6", "Show plan"), ("ctrl+j", "new line")):
+                          ("f9", "Show plan"), ("ctrl+j", "new line")):
             assert key in help_text and what in help_text
         await pilot.press("escape")
-        await pilot.press("f6")
+        await pilot.press("f9")
         await wait_until(pilot, lambda: type(app.screen).__name__ == "PlanScreen")
         await wait_until(pilot, lambda: "planner" in str(
             app.screen.query_one("#plan-text").render()))
