@@ -1,4 +1,4 @@
-"""The bottom line: model · engine · placement │ prefill/decode tok/s │ memory │ cache."""
+"""The status bar: model · engine · placement, then prefill/decode tok/s │ memory │ cache."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from textual.widgets import Static
 
 from moechat.backends.events import Event
 
-MODEL_CHARS = 32  # longer names are cut: the speed figures must stay on screen
+MODEL_CHARS = 40  # longer names are cut
 CACHE_WORDS = ("hit", "miss", "cache", "expert", "prefetch")  # stats worth a status-bar slot
 
 
@@ -44,18 +44,17 @@ class StatusBar(Static):
             self.stats = dict(event.stats)
 
     def render(self) -> str:
+        """Two lines: what runs where, then the numbers of the last reply."""
         model = self.model if len(self.model) <= MODEL_CHARS else self.model[:MODEL_CHARS - 1] + "…"
-        head = " · ".join(p for p in (model, self.engine, self.placement) if p)
-        parts = [head]
+        head = " · ".join(p for p in (model, self.engine, self.placement, self.note) if p)
+        numbers = []
         if self.prefill_tok_s or self.decode_tok_s:
             prefill = f"{self.prefill_tok_s:.1f}" if self.prefill_tok_s else "–"
-            parts.append(f"prefill {prefill} tok/s · decode {self.decode_tok_s:.1f} tok/s")
+            numbers.append(f"prefill {prefill} tok/s · decode {self.decode_tok_s:.1f} tok/s")
         if self.rss_bytes:
-            parts.append(f"mem {format_bytes(self.rss_bytes)}")
+            numbers.append(f"mem {format_bytes(self.rss_bytes)}")
         cache = [format_stat(k, v) for k, v in self.stats.items()
                  if any(w in k for w in CACHE_WORDS) and not isinstance(v, str)]
         if cache:
-            parts.append(" · ".join(cache))
-        if self.note:
-            parts.append(self.note)
-        return " │ ".join(parts)
+            numbers.append(" · ".join(cache))
+        return head + "\n" + (" │ ".join(numbers) or "no reply yet")
