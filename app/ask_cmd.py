@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                                        system_prompt=args.system or "")
     elif args.system:
         history.set_system_prompt(cid, args.system)
+    history.set_current(cid)
     history.add_message(cid, "user", question)  # saved before the model even loads
     messages = chat_messages(history, cid)
 

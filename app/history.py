@@ -48,6 +48,10 @@ MIGRATIONS = [
     CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
     CREATE INDEX conversations_by_update ON conversations(updated);
     """,
+    # v2: small key/value state, e.g. the conversation the user was last in
+    """
+    CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 
 
@@ -136,9 +140,23 @@ class History:
         return [Conversation(*row) for row in rows.fetchall()]
 
     def last_conversation_id(self) -> int | None:
+        """The conversation the user was last in (open in the TUI, or the last `ask`),
+        else the most recently updated one."""
         row = self._execute(
-            "SELECT id FROM conversations ORDER BY updated DESC, id DESC LIMIT 1").fetchone()
+            "SELECT c.id FROM state s JOIN conversations c ON c.id = CAST(s.value AS INTEGER) "
+            "WHERE s.key = 'current_conversation'").fetchone()
+        if row is None:
+            row = self._execute(
+                "SELECT id FROM conversations ORDER BY updated DESC, id DESC LIMIT 1").fetchone()
         return int(row[0]) if row else None
+
+    def set_current(self, cid: int | None) -> None:
+        """Remember the conversation the user is in (None: a new chat, not started yet)."""
+        if cid is None:
+            self._execute("DELETE FROM state WHERE key = 'current_conversation'")
+        else:
+            self._execute("INSERT OR REPLACE INTO state (key, value) "
+                          "VALUES ('current_conversation', ?)", (str(cid),))
 
     def rename(self, cid: int, title: str) -> None:
         self._execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))

@@ -52,18 +52,47 @@ def test_reopening_keeps_data_and_a_newer_schema_is_refused(tmp_path):
         History(path)
 
 
-def test_a_future_migration_upgrades_an_old_file(tmp_path, monkeypatch):
+def test_a_v1_file_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "h.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(history_mod.MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO conversations (title, created, updated) VALUES ('old', 1, 1)")
+    db.commit()
+    db.close()
+    h = History(path)
+    assert [c.title for c in h.conversations()] == ["old"]
+    h.set_current(h.conversations()[0].id)  # v2's state table is there
+    h.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(history_mod.MIGRATIONS) >= 2
+
+
+def test_a_future_migration_runs_once_on_an_existing_file(tmp_path, monkeypatch):
     path = tmp_path / "h.sqlite3"
     h = History(path)
     cid = h.new_conversation("old")
     h.close()
+    before = len(history_mod.MIGRATIONS)
     monkeypatch.setattr(history_mod, "MIGRATIONS", history_mod.MIGRATIONS +
                         ["ALTER TABLE conversations ADD COLUMN pinned INTEGER DEFAULT 0;"])
     db = sqlite3.connect(path)
-    assert history_mod.migrate(db) == 1
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert history_mod.migrate(db) == before
+    assert history_mod.migrate(db) == before + 1  # nothing left to do
     assert db.execute("SELECT title, pinned FROM conversations WHERE id=?", (cid,)).fetchone() \
         == ("old", 0)
+
+
+def test_the_last_conversation_is_the_one_the_user_was_in(history):
+    a = history.new_conversation("a")
+    b = history.new_conversation("b")
+    history.add_message(b, "user", "newest")
+    assert history.last_conversation_id() == b  # nothing chosen: the latest
+    history.set_current(a)
+    assert history.last_conversation_id() == a
+    history.delete_conversation(a)
+    assert history.last_conversation_id() == b  # a deleted choice is ignored
+    history.set_current(None)
+    assert history.last_conversation_id() == b
 
 
 def test_conversations_order_search_rename_delete(history):

@@ -170,6 +170,7 @@ class MoechatApp(App):
         if self.cid is None:
             self.cid = self.history.new_conversation(
                 title_from(text), model=self.model_name, system_prompt=self.system_prompt_for_new)
+            self.history.set_current(self.cid)
         mid = self.history.add_message(self.cid, "user", text)  # saved before generating
         self.prompt.clear()
         await self.chat.add(MessageItem("user", text, mid=mid))
@@ -178,7 +179,7 @@ class MoechatApp(App):
 
     async def start_reply(self) -> None:
         messages = chat_messages(self.history, self.cid)
-        self._reply = await self.chat.add(MessageItem("assistant", status="streaming"))
+        self._reply = await self.chat.add(MessageItem("assistant", status="generating"))
         self._cancel = threading.Event()
         self._idle.clear()
         self.generating = True
@@ -247,6 +248,7 @@ class MoechatApp(App):
 
     async def open_conversation(self, cid: int | None) -> None:
         self.cid = cid
+        self.history.set_current(cid)  # `ask -c` and the next start continue this one
         await self.chat.clear()
         if cid is not None:
             items = [MessageItem(m.role, m.content, status=m.status, mid=m.id,

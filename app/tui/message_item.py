@@ -7,6 +7,7 @@ from textual.containers import Vertical
 from textual.widgets import Markdown, Static
 
 ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
+# "streaming" in the history means its writer died mid-reply (a crash or kill)
 STATUS_NOTES = {"stopped": "⏹ stopped", "error": "⚠ error", "streaming": "… interrupted"}
 
 

@@ -160,6 +160,13 @@ async def test_restart_shows_the_history_and_search_finds_it(make_app):
         item = again.query_one(ConversationItem)
         await pilot.click(item)
         await wait_until(pilot, lambda: texts(again)[:1] == [("user", "capital of France?")])
+    again.shutdown()
+
+    # The chat open at exit is the one the next start (and `ask -c`) continues.
+    third = make_app(FakeEngine(["x"]))
+    async with third.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert texts(third) == [("user", "capital of France?"), ("assistant", "Paris it is.")]
 
 
 async def test_rename_delete_and_settings(make_app, tmp_path, monkeypatch):
