@@ -230,3 +230,72 @@ async def test_a_model_that_fails_to_load_is_reported_not_fatal(tmp_path):
         assert app.prompt.text == "hello" and texts(app) == []  # kept, not sent
         assert any("not a GGUF file" in str(n.message) for n in app._notifications)
     app.shutdown()
+
+
+async def test_copy_reply_and_code_block(make_app):
+    reply = "Here:\n\n```python\ndef f():\n    return 1\n```\n\nDone."
+    app = make_app(FakeEngine([reply]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "code")
+        await pilot.press("ctrl+t")
+        assert app.clipboard == reply
+        await pilot.press("f8")
+        assert app.clipboard == "def f():\n    return 1\n"
+
+
+async def test_switch_model_closes_the_old_engine_and_opens_the_new_one(make_app):
+    from moechat.app.tui.app import MoechatApp
+    from moechat.app.tui.model_loader import LoadedModel
+
+    engines, specs = [], []
+
+    def open_model(spec, options, progress):
+        specs.append(spec)
+        engines.append(FakeEngine([f"from {spec}"]))
+        return LoadedModel(engines[-1], f"model {spec}")
+
+    app = MoechatApp(open_model=open_model)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+o", *"/models/other.gguf", "enter")
+        await wait_until(pilot, lambda: len(specs) == 2 and app.engine is engines[1])
+        assert specs == [None, "/models/other.gguf"] and engines[0].closed
+        assert app.status.model == "model /models/other.gguf"
+        await send(pilot, "hi")
+        assert texts(app)[-1] == ("assistant", "from /models/other.gguf")
+    app.shutdown()
+
+
+async def test_the_plan_screen_shows_the_planners_plan(make_app, monkeypatch):
+    import sys
+    import types
+
+    planner = types.ModuleType("moechat.backends.planner")
+    planner.make_plan = lambda card, profile: types.SimpleNamespace(
+        explain=lambda: f"llama.cpp, experts of 4/30 layers in RAM ({profile})")
+    profile = types.ModuleType("moechat.app.hardware_profile")
+    profile.load_profile = lambda: "2 cores"
+    monkeypatch.setitem(sys.modules, "moechat.backends.planner", planner)
+    monkeypatch.setitem(sys.modules, "moechat.app.hardware_profile", profile)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.card = object()  # a loaded model's card
+        await pilot.press("f9")
+        await wait_until(pilot, lambda: type(app.screen).__name__ == "PlanScreen")
+        await wait_until(pilot, lambda: "layers" in str(
+            app.screen.query_one("#plan-text").render()))
+        assert "experts of 4/30 layers in RAM (2 cores)" in str(
+            app.screen.query_one("#plan-text").render())
+
+
+async def test_every_command_is_in_the_palette(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Regenerate", "Edit last message", "System prompt", "Temperature", "Max tokens",
+                "Switch model", "Copy reply", "Copy code block", "Export to Markdown",
+                "Show the plan", "New chat", "Rename chat", "Delete chat", "Search chats",
+                "Keys"} <= titles
