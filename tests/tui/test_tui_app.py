@@ -8,7 +8,6 @@ from fake_engine import FakeEngine
 from textual.widgets import ListView
 
 from moechat.app.history import History
-from moechat.app.tui.message_item import MessageItem
 from moechat.app.tui.sidebar import ConversationItem
 
 pytestmark = pytest.mark.asyncio
