@@ -110,45 +110,48 @@ class History:
         with self._lock:
             self._db.close()
 
-    def _execute(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+    def _execute(self, sql: str, params: tuple = ()) -> int:
+        """One write; returns the new row's id (for an INSERT)."""
         with self._lock:
-            return self._db.execute(sql, params)
+            return self._db.execute(sql, params).lastrowid
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:  # fetched under the lock: the connection is shared by threads
+            return self._db.execute(sql, params).fetchall()
 
     # ---- conversations ------------------------------------------------------------------
     def new_conversation(self, title: str = "New chat", model: str = "",
                          system_prompt: str = "") -> int:
         now = time.time()
-        cur = self._execute(
+        return int(self._execute(
             "INSERT INTO conversations (title, model, system_prompt, created, updated) "
-            "VALUES (?, ?, ?, ?, ?)", (title, model, system_prompt, now, now))
-        return int(cur.lastrowid)
+            "VALUES (?, ?, ?, ?, ?)", (title, model, system_prompt, now, now)))
 
     def conversation(self, cid: int) -> Conversation | None:
-        row = self._execute("SELECT * FROM conversations WHERE id = ?", (cid,)).fetchone()
-        return Conversation(*row) if row else None
+        rows = self._rows("SELECT * FROM conversations WHERE id = ?", (cid,))
+        return Conversation(*rows[0]) if rows else None
 
     def conversations(self, search: str = "") -> list[Conversation]:
         """Most recently updated first; `search` matches titles and message text."""
         if not search:
-            rows = self._execute("SELECT * FROM conversations ORDER BY updated DESC, id DESC")
+            rows = self._rows("SELECT * FROM conversations ORDER BY updated DESC, id DESC")
         else:
             like = f"%{_escape_like(search)}%"
-            rows = self._execute(
+            rows = self._rows(
                 "SELECT * FROM conversations WHERE title LIKE ? ESCAPE '\\' OR id IN "
                 "(SELECT conversation_id FROM messages WHERE content LIKE ? ESCAPE '\\') "
                 "ORDER BY updated DESC, id DESC", (like, like))
-        return [Conversation(*row) for row in rows.fetchall()]
+        return [Conversation(*row) for row in rows]
 
     def last_conversation_id(self) -> int | None:
         """The conversation the user was last in (open in the TUI, or the last `ask`),
         else the most recently updated one."""
-        row = self._execute(
+        rows = self._rows(
             "SELECT c.id FROM state s JOIN conversations c ON c.id = CAST(s.value AS INTEGER) "
-            "WHERE s.key = 'current_conversation'").fetchone()
-        if row is None:
-            row = self._execute(
-                "SELECT id FROM conversations ORDER BY updated DESC, id DESC LIMIT 1").fetchone()
-        return int(row[0]) if row else None
+            "WHERE s.key = 'current_conversation'")
+        if not rows:
+            rows = self._rows("SELECT id FROM conversations ORDER BY updated DESC, id DESC LIMIT 1")
+        return int(rows[0][0]) if rows else None
 
     def set_current(self, cid: int | None) -> None:
         """Remember the conversation the user is in (None: a new chat, not started yet)."""
@@ -180,7 +183,7 @@ class History:
             self._db.execute("UPDATE conversations SET updated = ?, model = CASE WHEN ? = '' "
                              "THEN model ELSE ? END WHERE id = ?", (now, model, model, cid))
             self._db.execute("COMMIT")
-        return int(cur.lastrowid)
+            return int(cur.lastrowid)
 
     def update_message(self, mid: int, content: str, status: str | None = None,
                        stats: dict | None = None) -> None:
@@ -197,9 +200,9 @@ class History:
         self._execute("DELETE FROM messages WHERE id = ?", (mid,))
 
     def messages(self, cid: int) -> list[StoredMessage]:
-        rows = self._execute(
+        rows = self._rows(
             "SELECT id, conversation_id, role, content, status, model, stats FROM messages "
-            "WHERE conversation_id = ? ORDER BY id", (cid,)).fetchall()
+            "WHERE conversation_id = ? ORDER BY id", (cid,))
         return [StoredMessage(*row[:6], stats=json.loads(row[6] or "{}")) for row in rows]
 
 
