@@ -153,13 +153,19 @@ class History:
             rows = self._rows("SELECT id FROM conversations ORDER BY updated DESC, id DESC LIMIT 1")
         return int(rows[0][0]) if rows else None
 
+    def get_state(self, key: str, default: str = "") -> str:
+        rows = self._rows("SELECT value FROM state WHERE key = ?", (key,))
+        return rows[0][0] if rows else default
+
+    def set_state(self, key: str, value: str) -> None:
+        self._execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
     def set_current(self, cid: int | None) -> None:
         """Remember the conversation the user is in (None: a new chat, not started yet)."""
         if cid is None:
             self._execute("DELETE FROM state WHERE key = 'current_conversation'")
         else:
-            self._execute("INSERT OR REPLACE INTO state (key, value) "
-                          "VALUES ('current_conversation', ?)", (str(cid),))
+            self.set_state("current_conversation", str(cid))
 
     def rename(self, cid: int, title: str) -> None:
         self._execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))

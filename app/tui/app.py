@@ -112,6 +112,8 @@ class MoechatApp(App):
             await self.open_conversation(last)
         else:
             await self.refresh_sidebar()
+        self.prompt.text = self.history.get_state("draft")  # typed before the last quit
+        self.prompt.move_cursor(self.prompt.document.end)
         self.prompt.focus()
         self.load_model(self.model_spec)
 
@@ -183,7 +185,7 @@ class MoechatApp(App):
         self._cancel = threading.Event()
         self._idle.clear()
         self.generating = True
-        self.status.note = "generating… (Esc stops)"
+        self.status.note = "reading the prompt… (Esc stops)"
         self._generate(self.cid, messages, self._cancel)
 
     @work(thread=True, group="generate")
@@ -217,6 +219,8 @@ class MoechatApp(App):
             self._idle.set()
 
     async def on_reply_delta(self, message: ReplyDelta) -> None:
+        if self.status.note.startswith("reading"):
+            self.status.note = "generating… (Esc stops)"
         if self._reply is not None:
             await self._reply.append(message.event.text)
         self.status.show_event(message.event)
@@ -459,6 +463,10 @@ class MoechatApp(App):
             yield SystemCommand(title, help_text, callback)
 
     # ---- shutdown -----------------------------------------------------------------------
+    async def action_quit(self) -> None:
+        self.history.set_state("draft", self.prompt.text)  # nothing typed is lost
+        self.exit()
+
     def shutdown(self, wait_s: float = 10.0) -> None:
         """After the app exits: stop any reply (its text is saved), close engine and history."""
         self._cancel.set()

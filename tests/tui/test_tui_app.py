@@ -147,12 +147,16 @@ async def test_restart_shows_the_history_and_search_finds_it(make_app):
         await send(pilot, "capital of France?")
         await pilot.press("ctrl+n")
         await send(pilot, "capital of Germany?")
+        await pilot.press(*"unsent", "ctrl+j", *"draft")
+        await pilot.press("ctrl+q")
     app.shutdown()
 
     again = make_app(FakeEngine(["x"]))
     async with again.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert texts(again) == [("user", "capital of Germany?"), ("assistant", "Berlin.")]
+        assert again.prompt.text == "unsent\ndraft"  # the draft typed before quitting
+        again.prompt.clear()
         assert len(again.query(ConversationItem)) == 2
         await pilot.press("ctrl+f", *"paris")  # matches a reply's text, not a title
         await wait_until(pilot, lambda: len(again.query(ConversationItem)) == 1)
