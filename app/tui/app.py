@@ -49,6 +49,7 @@ from moechat.app.tui.messages import (
 )
 from moechat.app.tui.model_loader import EngineOptions, LoadedModel, open_model
 from moechat.app.tui.plan_screen import PlanScreen
+from moechat.app.tui.planner_bridge import predicted_decode_tok_s
 from moechat.app.tui.prompt_input import PromptInput
 from moechat.app.tui.sidebar import Sidebar
 from moechat.app.tui.status_bar import StatusBar
@@ -137,7 +138,15 @@ class MoechatApp(App):
         except Exception as err:  # shown in the app: a bad file must not kill the chat
             self.post_message(ModelLoadFailed(f"{type(err).__name__}: {err}"))
             return
-        self.post_message(ModelLoaded(loaded.engine, loaded.name, loaded.card))
+        self.post_message(ModelLoaded(loaded.engine, loaded.name, loaded.card,
+                                      self._predict(loaded)))
+
+    def _predict(self, loaded: LoadedModel) -> float | None:
+        try:
+            return predicted_decode_tok_s(loaded.card, loaded.engine)
+        except Exception as err:  # a planner bug costs the comparison, never the chat
+            self.call_from_thread(self.notify, f"no speed prediction: {err}", severity="warning")
+            return None
 
     def on_model_load_progress(self, message: ModelLoadProgress) -> None:
         self.query_one(LoadProgress).show_stage(message.stage)
@@ -151,6 +160,7 @@ class MoechatApp(App):
         status.placement = message.engine.placement
         status.rss_bytes = psutil.Process().memory_info().rss
         status.prefill_tok_s = status.decode_tok_s = 0.0
+        status.predicted_decode_tok_s = message.predicted_decode_tok_s or 0.0
         self.query_one(LoadProgress).display = False
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:

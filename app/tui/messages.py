@@ -17,8 +17,10 @@ class ModelLoadProgress(Message):
 
 
 class ModelLoaded(Message):
-    def __init__(self, engine: Any, model_name: str, card: Any = None) -> None:
+    def __init__(self, engine: Any, model_name: str, card: Any = None,
+                 predicted_decode_tok_s: float | None = None) -> None:
         super().__init__()
+        self.predicted_decode_tok_s = predicted_decode_tok_s  # the cost model's, if known
         self.engine = engine
         self.model_name = model_name
         self.card = card

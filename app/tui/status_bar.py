@@ -29,6 +29,7 @@ class StatusBar(Static):
     placement = reactive("")
     prefill_tok_s = reactive(0.0)
     decode_tok_s = reactive(0.0)
+    predicted_decode_tok_s = reactive(0.0)  # the cost model's figure for this placement
     rss_bytes = reactive(0)
     stats: reactive[dict] = reactive(dict, always_update=True)
     note = reactive("")  # "loading…", "generating…"
@@ -50,7 +51,11 @@ class StatusBar(Static):
         numbers = []
         if self.prefill_tok_s or self.decode_tok_s:
             prefill = f"{self.prefill_tok_s:.1f}" if self.prefill_tok_s else "–"
-            numbers.append(f"prefill {prefill} tok/s · decode {self.decode_tok_s:.1f} tok/s")
+            decode = f"decode {self.decode_tok_s:.1f} tok/s"
+            if self.predicted_decode_tok_s:
+                share = self.decode_tok_s / self.predicted_decode_tok_s
+                decode += f" ({share:.0%} of the predicted {self.predicted_decode_tok_s:.1f})"
+            numbers.append(f"prefill {prefill} tok/s · {decode}")
         if self.rss_bytes:
             numbers.append(f"mem {format_bytes(self.rss_bytes)}")
         cache = [format_stat(k, v) for k, v in self.stats.items()

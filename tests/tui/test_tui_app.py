@@ -270,27 +270,58 @@ async def test_switch_model_closes_the_old_engine_and_opens_the_new_one(make_app
     app.shutdown()
 
 
-async def test_the_plan_screen_shows_the_planners_plan(make_app, monkeypatch):
+def fake_planner(monkeypatch, candidates, reason="llama.cpp on the CPU: no GPU here"):
+    """Stand-ins for the planner modules (shipped by another branch), shaped like them."""
     import sys
     import types
 
+    plan = types.SimpleNamespace(choice=candidates[0], candidates=tuple(candidates), reason=reason)
     planner = types.ModuleType("moechat.backends.planner")
-    planner.make_plan = lambda card, profile: types.SimpleNamespace(
-        explain=lambda: f"llama.cpp, experts of 4/30 layers in RAM ({profile})")
+    planner.make_plan = lambda card, profile: plan
     profile = types.ModuleType("moechat.app.hardware_profile")
-    profile.load_profile = lambda: "2 cores"
+    profile.load_profile = lambda measure=True: "2 cores"
     monkeypatch.setitem(sys.modules, "moechat.backends.planner", planner)
     monkeypatch.setitem(sys.modules, "moechat.app.hardware_profile", profile)
+
+
+def candidate(engine, placement, decode, n_cpu_moe=None, note=""):
+    import types
+
+    return types.SimpleNamespace(engine=engine, placement=placement, n_cpu_moe=n_cpu_moe,
+                                 decode_tok_s=decode, prefill_tok_s=10 * decode, note=note)
+
+
+async def test_the_plan_screen_shows_the_planners_plan(make_app, monkeypatch):
+    fake_planner(monkeypatch, [candidate("llama.cpp", "cpu", 31.5),
+                               candidate("hobbit", "hobbit", 80.0, note="needs a GPU")])
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         app.card = object()  # a loaded model's card
         await pilot.press("f9")
         await wait_until(pilot, lambda: type(app.screen).__name__ == "PlanScreen")
-        await wait_until(pilot, lambda: "layers" in str(
+        await wait_until(pilot, lambda: "Choice" in str(
             app.screen.query_one("#plan-text").render()))
-        assert "experts of 4/30 layers in RAM (2 cores)" in str(
-            app.screen.query_one("#plan-text").render())
+        text = str(app.screen.query_one("#plan-text").render())
+        assert "llama.cpp · cpu · predicted 31.5 tok/s decode" in text
+        assert "no GPU here" in text and "needs a GPU" in text
+
+
+async def test_measured_decode_is_shown_against_the_prediction(monkeypatch):
+    from moechat.app.tui.app import MoechatApp
+    from moechat.app.tui.model_loader import LoadedModel
+
+    fake_planner(monkeypatch, [candidate("llama.cpp", "cpu", 30.0),
+                               candidate("fake", "fake", 111.0)])
+    engine = FakeEngine(["some reply"])
+    app = MoechatApp(open_model=lambda spec, options, progress:
+                     LoadedModel(engine, "fake-moe", card=object()))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.status.predicted_decode_tok_s == 111.0  # the loaded engine's candidate
+        await send(pilot, "hi")
+        assert "decode 55.5 tok/s (50% of the predicted 111.0)" in app.status.render()
+    app.shutdown()
 
 
 async def test_every_command_is_in_the_palette(make_app):
