@@ -79,6 +79,7 @@ class MoechatApp(App):
         self.cid: int | None = None  # the conversation shown; None until the first message
         self.system_prompt_for_new = ""
         self.generating = False
+        self.loading = False
         self._cancel = threading.Event()
         self._idle = threading.Event()  # set while no generator thread runs
         self._idle.set()
@@ -121,6 +122,7 @@ class MoechatApp(App):
     # ---- model loading ------------------------------------------------------------------
     def load_model(self, spec: str | None) -> None:
         old, self.engine = self.engine, None
+        self.loading = True
         self.status.model, self.status.engine, self.status.placement = spec or "demo", "", ""
         self.query_one(LoadProgress).show_stage("loading…")
         self._load(spec, old)
@@ -154,6 +156,7 @@ class MoechatApp(App):
     def on_model_loaded(self, message: ModelLoaded) -> None:
         import psutil
 
+        self.loading = False
         self.engine, self.model_name, self.card = message.engine, message.model_name, message.card
         status = self.status
         status.model, status.engine = message.model_name, message.engine.name
@@ -164,6 +167,7 @@ class MoechatApp(App):
         self.query_one(LoadProgress).display = False
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
+        self.loading = False
         self.query_one(LoadProgress).display = False
         self.status.model = "no model"
         self.notify(message.error, title="could not load the model", severity="error",
@@ -402,9 +406,12 @@ class MoechatApp(App):
     def action_switch_model(self) -> None:
         if self._busy():
             return
+        if self.loading:
+            self.notify("a model is loading: wait for it first")
+            return
 
         def answered(spec: str | None) -> None:
-            if spec is not None and not self.generating:
+            if spec is not None and not self.generating and not self.loading:
                 self.model_spec = spec.strip() or None
                 self.load_model(self.model_spec)
 
