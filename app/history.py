@@ -213,13 +213,25 @@ class History:
 
 
 def chat_messages(history: History, cid: int) -> list[dict]:
-    """The conversation as engine messages: system prompt first, empty replies left out."""
+    """The conversation as engine messages, system prompt first.
+
+    A turn whose reply did not finish (stopped with Esc or Ctrl-C, failed, or cut off by a
+    crash) stays on screen and in the file, marked, but is not sent again: a half-written
+    reply steers the model into continuing it instead of answering the next question.
+    """
     conversation = history.conversation(cid)
     out = []
     if conversation and conversation.system_prompt:
         out.append({"role": "system", "content": conversation.system_prompt})
-    out += [{"role": m.role, "content": m.content}
-            for m in history.messages(cid) if m.content or m.role == "user"]
+    stored = history.messages(cid)
+    for i, m in enumerate(stored):
+        reply = stored[i + 1] if m.role == "user" and i + 1 < len(stored) else None
+        if m.role == "user" and reply is not None and reply.role == "assistant" \
+                and reply.status != "done":
+            continue  # the user message of an unfinished turn
+        if m.role == "assistant" and m.status != "done":
+            continue
+        out.append({"role": m.role, "content": m.content})
     return out
 
 

@@ -113,14 +113,20 @@ def test_conversations_order_search_rename_delete(history):
     assert history.messages(a) == []  # cascaded
 
 
-def test_chat_messages_puts_the_system_prompt_first_and_skips_empty_replies(history):
+def test_chat_messages_leave_out_unfinished_turns(history):
     cid = history.new_conversation("t", system_prompt="Be brief.")
     history.add_message(cid, "user", "hi")
-    history.add_message(cid, "assistant", "", status="error")
-    history.add_message(cid, "user", "again")
+    history.add_message(cid, "assistant", "hello")
+    for status in ("stopped", "error", "streaming"):
+        history.add_message(cid, "user", f"a turn that ended {status}")
+        history.add_message(cid, "assistant", "half a rep", status=status)
+    history.add_message(cid, "user", "lone")  # e.g. the engine failed to open
+    history.add_message(cid, "user", "again")  # being answered now: no reply row yet
     assert chat_messages(history, cid) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "lone"},
         {"role": "user", "content": "again"},
     ]
     assert "**System:**" in export_markdown(history, cid)
@@ -194,24 +200,36 @@ def ask(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+STOPPED_STORY = ("In the heart of the desert, a majestic dragon named Luminari stood tall, its "
+                 "scales shimmering with a soft,")
+
+
 @pytest.mark.slow
 def test_ask_continue_goes_on_with_the_last_conversation(demo_model, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", sys.stdin)  # restored after ask() replaces it
     first = ask(capsys, "What is the capital of France? Answer in one sentence.")
     assert "Paris" in first["text"]
-    other = ask(capsys, "--cid", str(first["conversation_id"]), "--max-tokens", "1", "Hi")
-    assert other["conversation_id"] == first["conversation_id"]
+    cid = first["conversation_id"]
+    h = History()  # then a long reply stopped with Esc in the chat app, as a user would
+    h.add_message(cid, "user", "Write a long story about a dragon")
+    h.add_message(cid, "assistant", STOPPED_STORY, status="stopped")
+    h.close()
+
     second = ask(capsys, "-c", "And the capital of Germany?")
     assert "Berlin" in second["text"]
-    assert second["conversation_id"] == first["conversation_id"]
-    assert second["prompt_tokens"] > first["prompt_tokens"]  # the earlier turns were sent
+    assert second["conversation_id"] == cid
+    assert second["prompt_tokens"] > first["prompt_tokens"]  # the earlier turn was sent
+    other = ask(capsys, "--cid", str(cid), "--max-tokens", "1", "Hi")
+    assert other["conversation_id"] == cid
     fresh = ask(capsys, "--max-tokens", "1", "Hello")
-    assert fresh["conversation_id"] != first["conversation_id"]
+    assert fresh["conversation_id"] != cid
 
     h = History()
-    turns = [(m.role, m.status) for m in h.messages(first["conversation_id"])]
-    assert turns == [("user", "done"), ("assistant", "done")] * 3
-    assert h.messages(first["conversation_id"])[-1].content == second["text"]
+    turns = [(m.role, m.status) for m in h.messages(cid)]
+    assert turns == [("user", "done"), ("assistant", "done"), ("user", "done"),
+                     ("assistant", "stopped")] + [("user", "done"), ("assistant", "done")] * 2
+    assert h.messages(cid)[5].content == second["text"]
+    assert h.last_conversation_id() == fresh["conversation_id"]
     h.close()
 
 

@@ -71,6 +71,12 @@ async def test_escape_stops_the_engine_within_one_token(make_app):
         assert "stopped" in str(reply.query_one(".footer").render())
         assert stored(app.cid)[-1] == ("assistant", "one two three ", "stopped")
         assert app.prompt.text == "next q"
+        # The stopped turn stays on screen but is not sent as context again.
+        engine.hold_after = None
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(engine.calls) == 2 and not app.generating)
+        assert engine.calls[1] == [{"role": "user", "content": "next q"}]
+        assert [r for r, _ in texts(app)] == ["user", "assistant"] * 2
 
 
 async def test_regenerate_replaces_the_last_reply(make_app):
