@@ -80,6 +80,7 @@ class MoechatApp(App):
         self.system_prompt_for_new = ""
         self.generating = False
         self.loading = False
+        self.waiting_for_model = False  # a message was sent while the model loaded
         self._cancel = threading.Event()
         self._idle = threading.Event()  # set while no generator thread runs
         self._idle.set()
@@ -153,7 +154,7 @@ class MoechatApp(App):
     def on_model_load_progress(self, message: ModelLoadProgress) -> None:
         self.query_one(LoadProgress).show_stage(message.stage)
 
-    def on_model_loaded(self, message: ModelLoaded) -> None:
+    async def on_model_loaded(self, message: ModelLoaded) -> None:
         import psutil
 
         self.loading = False
@@ -165,9 +166,13 @@ class MoechatApp(App):
         status.prefill_tok_s = status.decode_tok_s = 0.0
         status.predicted_decode_tok_s = message.predicted_decode_tok_s or 0.0
         self.query_one(LoadProgress).display = False
+        if self.waiting_for_model:
+            self.waiting_for_model = False
+            await self.start_reply()
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
-        self.loading = False
+        self.loading = self.waiting_for_model = False
+        self.status.note = ""
         self.query_one(LoadProgress).display = False
         self.status.model = "no model"
         self.notify(message.error, title="could not load the model", severity="error",
@@ -176,11 +181,11 @@ class MoechatApp(App):
     # ---- sending and streaming ----------------------------------------------------------
     async def on_prompt_submitted(self, message: PromptSubmitted) -> None:
         # Refusing leaves the text in the box: nothing typed is lost.
-        if self.generating:
-            self.notify("a reply is streaming: Esc stops it (your text stays in the box)")
+        if self.generating or self.waiting_for_model:
+            self.notify("a reply is on its way: Esc stops it (your text stays in the box)")
             return
-        if self.engine is None:
-            self.notify("no model loaded yet (your text stays in the box)")
+        if self.engine is None and not self.loading:
+            self.notify("no model loaded: Ctrl+O opens one (your text stays in the box)")
             return
         text = message.text.strip("\n")
         if self.cid is None:
@@ -191,6 +196,10 @@ class MoechatApp(App):
         self.prompt.clear()
         await self.chat.add(MessageItem("user", text, mid=mid))
         await self.refresh_sidebar()
+        if self.engine is None:  # still loading: the reply starts when it is ready
+            self.waiting_for_model = True
+            self.status.note = "waiting for the model to load…"
+            return
         await self.start_reply()
 
     async def start_reply(self) -> None:
@@ -254,6 +263,10 @@ class MoechatApp(App):
         await self.refresh_sidebar()
 
     def action_stop(self) -> None:
+        if self.waiting_for_model:  # not started: the message stays, unanswered
+            self.waiting_for_model = False
+            self.status.note = ""
+            return
         if self.generating and not self._cancel.is_set():
             self._cancel.set()  # the engine sees it before its next token
             self.status.note = "stopping…"
@@ -277,9 +290,10 @@ class MoechatApp(App):
         await self.refresh_sidebar()
 
     def _busy(self) -> bool:
-        if self.generating:
-            self.notify("a reply is streaming: Esc stops it first")
-        return self.generating
+        busy = self.generating or self.waiting_for_model
+        if busy:
+            self.notify("a reply is on its way: Esc stops it first")
+        return busy
 
     async def on_conversation_picked(self, message: ConversationPicked) -> None:
         if message.cid != self.cid and not self._busy():

@@ -339,3 +339,34 @@ async def test_every_command_is_in_the_palette(make_app):
                 "Switch model", "Copy reply", "Copy code block", "Export to Markdown",
                 "Show the plan", "New chat", "Rename chat", "Delete chat", "Search chats",
                 "Keys"} <= titles
+
+
+async def test_a_message_sent_while_the_model_loads_is_answered_once_it_is_ready():
+    import threading
+
+    from moechat.app.tui.app import MoechatApp
+    from moechat.app.tui.model_loader import LoadedModel
+
+    release = threading.Event()
+    engine = FakeEngine(["ready now"])
+
+    def slow_open(spec, options, progress):
+        progress("loading weights")
+        assert release.wait(20)
+        return LoadedModel(engine, "slow-moe")
+
+    app = MoechatApp(open_model=slow_open)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app.loading and app.engine is None
+        app.prompt.text = "early question"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert texts(app) == [("user", "early question")] and app.prompt.text == ""
+        assert stored(app.cid) == [("user", "early question", "done")]  # saved at once
+        assert engine.calls == []
+        release.set()
+        await wait_until(pilot, lambda: engine.calls and not app.generating)
+        await pilot.pause()
+        assert texts(app) == [("user", "early question"), ("assistant", "ready now")]
+    app.shutdown()
