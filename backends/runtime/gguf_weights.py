@@ -37,25 +37,34 @@ class RawTensor:
 
 
 class GGUFWeights:
+    """The tensors of a GGUF file as views on one read-only memory map, plus its metadata.
+
+    The header is parsed here rather than by gguf.GGUFReader: the reader turns every
+    vocabulary entry into numpy arrays (seconds and ~140 MB for a 49k vocabulary) while we
+    only need the scalars; tokens come from llama.cpp itself."""
+
     def __init__(self, path: str):
         import gguf
 
-        self.path = path
+        self.path = str(path)
         # copy-on-write map: torch can wrap the arrays without a read-only warning; we never
         # write, so every page stays file-backed
-        reader = gguf.GGUFReader(path, "c")
-        # Keep the metadata values, not the reader's per-field numpy parts: the vocabulary
-        # alone is ~50k tiny arrays (~140 MB of Python objects). Tokens come from llama.cpp.
-        self.metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        self.map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        self.metadata, infos, data_start = _parse_header(self.map)
         self.tensors: dict[str, RawTensor] = {}
-        for t in reader.tensors:
-            self.tensors[t.name] = RawTensor(
-                name=t.name,
-                type_name=t.tensor_type.name,
-                ggml_type=int(t.tensor_type),
-                shape=tuple(int(d) for d in t.shape),
-                data=t.data,  # a view: keeps the memory map alive
-            )
+        for name, shape, type_id, offset in infos:
+            qtype = gguf.GGMLQuantizationType(type_id)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            row_bytes = shape[0] // block * size
+            n_rows = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+            start = data_start + offset
+            raw = self.map[start : start + row_bytes * n_rows]
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                raw = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+                data = raw.reshape(tuple(reversed(shape)))
+            else:
+                data = raw.reshape(tuple(reversed(shape[1:])) + (row_bytes,))
+            self.tensors[name] = RawTensor(name, qtype.name, int(qtype), shape, data)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -74,3 +83,69 @@ class GGUFWeights:
         t = self.tensors[name]
         picked = t.data[ids.cpu().numpy()]
         return dequant.dequantize(picked, t.type_name, (len(ids), t.shape[0]), dtype=dtype)
+
+
+# ---- GGUF header ------------------------------------------------------------------------
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+MAX_KEPT_ARRAY = 4096  # longer arrays (the vocabulary) are skipped, not decoded
+
+
+def _parse_header(buf: np.ndarray):
+    """-> (metadata {key: value}, [(name, ggml shape, type id, offset)], data start)."""
+    import struct
+
+    mv = memoryview(buf)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        value = struct.unpack_from(fmt, mv, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return bytes(mv[pos - n : pos]).decode("utf-8", errors="replace")
+
+    def value(vtype):
+        nonlocal pos
+        if vtype in _SCALARS:
+            return take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            itype, n = take("<I"), take("<Q")
+            if n > MAX_KEPT_ARRAY:  # skip it
+                if itype == _STRING:
+                    for _ in range(n):
+                        length = take("<Q")  # (not `pos += take(...)`: take moves pos)
+                        pos += length
+                else:
+                    pos += n * struct.calcsize(_SCALARS[itype])
+                return None
+            return [value(itype) for _ in range(n)]
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+    if bytes(mv[:4]) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    pos = 4
+    take("<I")  # version
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("<I"))
+        if v is not None:
+            metadata[key] = v
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("<I")
+        shape = tuple(take("<Q") for _ in range(n_dims))
+        infos.append((name, shape, take("<I"), take("<Q")))
+    align = int(metadata.get("general.alignment", 32))
+    return metadata, infos, (pos + align - 1) // align * align

@@ -83,18 +83,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
     """q [T, H, Dh] at positions start.., k/v [Hkv, S, Dh] (S = start + T) -> [T, H*Dh].
 
     Rounded like llama.cpp's default CPU attention (f16 cache, no flash attention): the query
-    is rounded to the cache dtype before q·k, the scores are softmaxed in float32, and the
-    probabilities are rounded to the cache dtype before they weight the values; products
-    accumulate in float32. A GPU cache in float32 (or bf16) just follows its own dtype."""
+    is rounded to the cache dtype before q·k, the scores are softmaxed, and the probabilities
+    are rounded to the cache dtype before they weight the values. On the CPU the products
+    run in float64: their result then no longer depends on how many queries share the call,
+    so a cached decode step gives what a full forward gives at that position (float32 BLAS
+    picks different blockings for different shapes, and these models amplify ulp changes)."""
     t, h, dh = q.shape
     hkv, s, _ = k.shape
-    qg = q.to(k.dtype).float().transpose(0, 1).reshape(hkv, h // hkv * t, dh)  # [Hkv, G*T, Dh]
-    scores = torch.bmm(qg, k.float().transpose(1, 2)).view(hkv, h // hkv, t, s) * scale  # [Hkv, G, T, S]
+    acc = torch.float64 if q.device.type == "cpu" else torch.float32
+    qg = q.to(k.dtype).to(acc).transpose(0, 1).reshape(hkv, h // hkv * t, dh)  # [Hkv, G*T, Dh]
+    scores = torch.bmm(qg, k.to(acc).transpose(1, 2)).view(hkv, h // hkv, t, s) * scale  # [Hkv, G, T, S]
     if t > 1:  # query i sits at position start + i and sees keys 0..start+i
         future = torch.arange(s, device=q.device)[None, :] > (start + torch.arange(t, device=q.device))[:, None]
         scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).float().view(hkv, -1, s)  # [Hkv, G*T, S]
-    out = torch.bmm(probs, v.float()).view(h, t, dh)  # [H, T, Dh]
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).to(acc).view(hkv, -1, s)  # [Hkv, G*T, S]
+    out = torch.bmm(probs, v.to(acc)).view(h, t, dh)  # [H, T, Dh]
     return out.transpose(0, 1).reshape(t, h * dh).to(q.dtype)
 
 
