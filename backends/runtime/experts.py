@@ -134,10 +134,10 @@ class TorchExperts:
     """Every routed expert dequantized once into `dtype` on `device` (a GPU when the experts
     fit there; also runs on the CPU, slowly). Per-expert weights: gate/up [E, I, D], down [E, D, I]."""
 
-    def __init__(self, store: ExpertStore, device="cpu", dtype=torch.float32):
+    def __init__(self, store: ExpertStore, device="cpu", dtype=torch.float32, layers=None):
         self.store, self.device, self.dtype = store, device, dtype
         self.w = {}
-        for l in store.layers:
+        for l in store.layers if layers is None else layers:
             self.w[l] = tuple(t.to_torch(dtype, device) for t in store.stacked(l))  # [E, out, in]
 
     def moe_forward(self, layer, hidden, expert_ids, gate_weights):
