@@ -70,6 +70,15 @@ _SIGNATURES = {
     "ggml_backend_tensor_alloc": (ctypes.c_int, [_p, _p, _p]),
     "ggml_backend_alloc_ctx_tensors": (_p, [_p, _p]),
     "ggml_backend_buffer_free": (None, [_p]),
+    "ggml_backend_buft_alloc_buffer": (_p, [_p, _size]),
+    "ggml_backend_buft_get_alloc_size": (_size, [_p, _p]),
+    "ggml_backend_buffer_get_base": (_p, [_p]),
+    "ggml_backend_buffer_set_usage": (None, [_p, ctypes.c_int]),
+    "ggml_backend_tensor_set": (None, [_p, _p, _size, _size]),
+    "ggml_cpu_has_avx2": (ctypes.c_int, []),
+    # C++ symbol (ggml-cpu's repack buffer type: weights stored in interleaved layouts that
+    # ggml's faster GEMV/GEMM kernels read)
+    "_Z35ggml_backend_cpu_repack_buffer_typev": (_p, []),
 }
 
 
@@ -141,6 +150,78 @@ def check_weight(w: QuantWeight) -> None:
         raise ValueError(f"weight bytes are not {TENSOR_ALIGNMENT}-byte aligned")
 
 
+GGML_TYPE_Q4_0 = 2
+BUFFER_USAGE_WEIGHTS = 1
+
+
+class PackedWeight:
+    """A weight copied into ggml's repacked CPU layout (e.g. Q4_0 as 8x8 interleaved blocks,
+    read by a faster AVX2/AVX-512 GEMV), as llama.cpp does at load. Same bytes, same block
+    values, same numerics; it lives in a ggml buffer, not in the file's map."""
+
+    def __init__(self, w: QuantWeight):
+        self.lib = lib()
+        self.ggml_type, self.shape, self.nbytes = w.ggml_type, w.shape, w.nbytes
+        buft = self.lib._Z35ggml_backend_cpu_repack_buffer_typev()
+        ctx = self.lib.ggml_init(_InitParams(self.lib.ggml_tensor_overhead() * 2, None, True))
+        try:
+            make = self.lib.ggml_new_tensor_2d if len(w.shape) == 2 else self.lib.ggml_new_tensor_3d
+            t = make(ctx, w.ggml_type, *w.shape)
+            self.buffer = self.lib.ggml_backend_buft_alloc_buffer(buft, self.lib.ggml_backend_buft_get_alloc_size(buft, t))
+            if not self.buffer:
+                raise MemoryError(f"ggml could not allocate {w.nbytes:,} bytes for a repacked weight")
+            self.lib.ggml_backend_buffer_set_usage(self.buffer, BUFFER_USAGE_WEIGHTS)
+            self.base = self.lib.ggml_backend_buffer_get_base(self.buffer)
+            if self.lib.ggml_backend_tensor_alloc(self.buffer, t, self.base) != GGML_STATUS_SUCCESS:
+                raise RuntimeError("ggml_backend_tensor_alloc failed")
+            with quiet_ggml_log():  # it logs one debug line per tensor
+                self.lib.ggml_backend_tensor_set(t, w.data.ctypes.data, 0, w.nbytes)  # repacks
+        finally:
+            self.lib.ggml_free(ctx)
+
+    def close(self):
+        buf, self.buffer = getattr(self, "buffer", None), None
+        if buf:
+            self.lib.ggml_backend_buffer_free(buf)
+
+    def __del__(self):
+        self.close()
+
+
+@functools.cache
+def _silent_log():
+    """A llama.cpp/ggml log callback that drops everything (kept alive: ggml holds it)."""
+    import llama_cpp
+
+    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+
+
+class quiet_ggml_log:
+    """Context manager: llama.cpp/ggml log lines are dropped inside it."""
+
+    def __enter__(self):
+        import llama_cpp
+
+        llama_cpp.llama_log_set(_silent_log(), None)
+
+    def __exit__(self, *exc):
+        import llama_cpp
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, None)
+
+
+def can_repack(w: QuantWeight) -> bool:
+    """Whether ggml's repack buffer takes this weight. Kept to the case whose rule is known
+    (ggml_repack_get_optimal_repack_type: Q4_0 on AVX2 with rows a multiple of 8); any other
+    would reach a null layout inside ggml and crash."""
+    return w.ggml_type == GGML_TYPE_Q4_0 and w.shape[1] % 8 == 0 and bool(lib().ggml_cpu_has_avx2())
+
+
+def maybe_repack(w: QuantWeight) -> QuantWeight | PackedWeight:
+    return PackedWeight(w) if can_repack(w) else w
+
+
 # ---- backend ----------------------------------------------------------------------------
 
 
@@ -191,7 +272,7 @@ class _Graph:
         self._buffer = None  # the buffer ggml allocated for everything else
         self.graph = None
 
-    def _weight(self, w: QuantWeight) -> int:
+    def _weight(self, w: QuantWeight | PackedWeight) -> int:
         shape = [int(s) for s in w.shape]
         if len(shape) == 2:
             t = self.lib.ggml_new_tensor_2d(self.ctx, w.ggml_type, *shape)
@@ -199,6 +280,11 @@ class _Graph:
             t = self.lib.ggml_new_tensor_3d(self.ctx, w.ggml_type, *shape)
         if self.lib.ggml_nbytes(t) != w.nbytes:
             raise ValueError(f"ggml sizes {w.shape} as {self.lib.ggml_nbytes(t)} bytes, have {w.nbytes}")
+        if isinstance(w, PackedWeight):  # already in its ggml buffer: point a tensor at it
+            if self.lib.ggml_backend_tensor_alloc(w.buffer, t, w.base) != GGML_STATUS_SUCCESS:
+                raise RuntimeError("ggml_backend_tensor_alloc failed")
+            self._keep.append(w)
+            return t
         ptr = w.data.ctypes.data
         buf = self.lib.ggml_backend_cpu_buffer_from_ptr(ptr, w.nbytes)
         self._wrapped.append(buf)

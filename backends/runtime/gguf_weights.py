@@ -66,6 +66,18 @@ class GGUFWeights:
                 data = raw.reshape(tuple(reversed(shape[1:])) + (row_bytes,))
             self.tensors[name] = RawTensor(name, qtype.name, int(qtype), shape, data)
 
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from our mapping (after copying it elsewhere, e.g. into a
+        repacked ggml buffer): they stop counting in our RSS and stay in the OS page cache,
+        so a later read of the bytes faults them back in from there."""
+        import mmap
+
+        t = self.tensors[name]
+        start = t.data.ctypes.data - self.map.ctypes.data
+        page = mmap.PAGESIZE
+        lo, hi = start // page * page, -(-(start + t.data.nbytes) // page) * page
+        self.map._mmap.madvise(mmap.MADV_DONTNEED, lo, min(hi, self.map.nbytes) - lo)
+
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 

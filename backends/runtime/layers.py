@@ -11,22 +11,27 @@ import torch
 import torch.nn.functional as F
 
 from moechat.backends.runtime.gguf_weights import RawTensor
-from moechat.kernels.ggml import CpuBackend, QuantLinear
+from moechat.kernels.ggml import CpuBackend, QuantLinear, maybe_repack
 
 
 class Linear:
     """y = x @ W.T (+ b) with W straight from the GGUF.
 
     With a ggml CPU backend, ggml's kernel runs on the quantized bytes in place (llama.cpp's
-    speed and numerics, nothing dequantized). Otherwise (a GPU, or the CPU with
+    speed and numerics, nothing dequantized) — or, for the types ggml has a faster
+    interleaved layout for (Q4_0 on AVX2), on a repacked copy, as llama.cpp does. Otherwise (a GPU, or the CPU with
     kernels="torch"), W is dequantized once into `dtype` on `device`."""
 
     def __init__(self, weight: RawTensor, bias: torch.Tensor | None, device: str,
-                 dtype: torch.dtype, cpu: CpuBackend | None):
+                 dtype: torch.dtype, cpu: CpuBackend | None, release=None):
         self.out_features = weight.shape[1]
         self.bias = bias
         if cpu is not None:
-            self.ggml, self.w = QuantLinear(weight.quant_weight(), cpu), None
+            mapped = weight.quant_weight()
+            packed = maybe_repack(mapped)
+            if packed is not mapped and release is not None:
+                release(weight.name)  # the repacked copy replaces the mapped pages
+            self.ggml, self.w = QuantLinear(packed, cpu), None
         else:
             self.ggml, self.w = None, weight.to_torch(dtype, device)  # [N, D]
 

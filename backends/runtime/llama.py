@@ -59,7 +59,7 @@ class Model:
 
     def linear(self, name: str) -> Linear:
         bias = self.optional(name.replace(".weight", ".bias"))
-        return Linear(self.weights.raw(name), bias, self.device, self.dtype, self.cpu)
+        return Linear(self.weights.raw(name), bias, self.device, self.dtype, self.cpu, self.weights.release)
 
     def load_layer(self, i: int) -> LayerWeights:
         p = f"blk.{i}."
