@@ -395,6 +395,50 @@ def _cached_call(graphs: dict, n_tokens: int, build, *inputs) -> np.ndarray:
         g.close()
 
 
+class _MultiMatmulGraph(_Graph):
+    """Several products of one input in one graph: one compute call (and one thread-team
+    start) instead of several — what the q, k and v projections of a layer need."""
+
+    def __init__(self, backend: CpuBackend, weights: list, n_tokens: int):
+        super().__init__(backend)
+        d = weights[0].shape[0]
+        self.x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D]
+        self.ys = [self.lib.ggml_mul_mat(self.ctx, self._weight(w), self.x) for w in weights]  # [T, N_i]
+        self.graph = self.lib.ggml_new_graph(self.ctx)
+        for y in self.ys:
+            self.lib.ggml_build_forward_expand(self.graph, y)
+        self._buffer = self.lib.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.ptr)
+        if not self._buffer:
+            raise RuntimeError("ggml could not allocate the graph's tensors")
+        self.out_shapes = [(n_tokens, w.shape[1]) for w in weights]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self._set(self.x, x)
+        self._run()
+        return [self._get(y, shape) for y, shape in zip(self.ys, self.out_shapes)]
+
+
+class QuantLinearGroup:
+    """[x @ W_i.T for each W_i] for weights that share their input (same D), in one graph."""
+
+    def __init__(self, weights: list, backend: CpuBackend):
+        if len({w.shape[0] for w in weights}) != 1 or any(len(w.shape) != 2 for w in weights):
+            raise ValueError(f"weights of one group need one input size: {[w.shape for w in weights]}")
+        self.weights, self.backend = weights, backend
+        self.in_features = weights[0].shape[0]
+        self._graphs: dict[int, _MultiMatmulGraph] = {}  # decode's graph (T == 1)
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        """x [T, D] float32 -> [[T, N_i] float32 for each weight]."""
+        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
+        return _cached_call(self._graphs, x2.shape[0], lambda: _MultiMatmulGraph(self.backend, self.weights, x2.shape[0]), x2)
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+
+
 # ---- the MoE op: a SwiGLU FFN for the selected experts of stacked expert tensors ---------
 
 

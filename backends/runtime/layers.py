@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moechat.backends.runtime.gguf_weights import RawTensor
-from moechat.kernels.ggml import CpuBackend, QuantLinear, maybe_repack
+from moechat.kernels.ggml import CpuBackend, QuantLinear, QuantLinearGroup, maybe_repack
 
 
 class Linear:
@@ -41,6 +41,19 @@ class Linear:
         else:
             y = x @ self.w.T
         return y if self.bias is None else y + self.bias
+
+
+def linear_group(linears: list[Linear]):
+    """A function x -> [l(x) for l in linears]; on the CPU one ggml graph computes them all."""
+    if any(l.ggml is None for l in linears):
+        return lambda x: [l(x) for l in linears]
+    group = QuantLinearGroup([l.ggml.weight for l in linears], linears[0].ggml.backend)
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        ys = group(x.detach().contiguous().numpy())
+        return [torch.from_numpy(y) if l.bias is None else torch.from_numpy(y) + l.bias for y, l in zip(ys, linears)]
+
+    return run
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
