@@ -56,3 +56,23 @@ def test_ask_engine_torch_rejects_n_cpu_moe(demo_model):
          "--model", str(demo_model), "hi"], capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2 and "n-cpu-moe" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_torch_kernel_path_matches_ggml_path():
+    """kernels="torch" (dequantized weights, plain matmuls) is the code path a GPU runs;
+    here it runs on the CPU against the ggml path on dense SmolLM2."""
+    import numpy as np
+
+    from moechat.backends.demo_model import smollm2_path
+    from moechat.backends.runtime import load_model
+
+    tokens = torch.tensor([1, 504, 3575, 282, 4649, 314, 7042, 30])
+    out = []
+    for kernels in ("ggml", "torch"):
+        model = load_model(smollm2_path(), threads=1, max_tokens=16, kernels=kernels)
+        with torch.inference_mode():
+            out.append(model.forward(tokens, model.new_cache(16), 0).numpy())
+    ggml_logits, torch_logits = out
+    # ggml rounds activations to Q8_1 for these Q4_1 weights; torch multiplies exact values
+    assert np.abs(ggml_logits - torch_logits).max() < 2.5
+    assert (ggml_logits.argmax(-1) == torch_logits.argmax(-1)).mean() >= 0.75
