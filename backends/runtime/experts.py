@@ -129,12 +129,13 @@ class GgmlExperts:
             self.layers[l] = QuantExperts(*weights, cpu)
 
     def moe_forward(self, layer, hidden, expert_ids, gate_weights):
-        y = self.layers[layer](hidden.detach().float().contiguous().numpy(), expert_ids.numpy())  # [T, A, D]
-        y = torch.from_numpy(y)
-        out = y[:, 0] * gate_weights[:, :1]
+        x = hidden.detach().contiguous().numpy()  # the CPU path's activations are float32
+        y = torch.from_numpy(self.layers[layer](x, expert_ids.numpy()))  # [T, A, D]
+        y.mul_(gate_weights.unsqueeze(-1))
+        out = y[:, 0]
         for a in range(1, y.shape[1]):  # llama.cpp sums the weighted experts in order
-            out = out + y[:, a] * gate_weights[:, a : a + 1]
-        return out.to(hidden.dtype)
+            out = out + y[:, a]
+        return out
 
     def close(self):
         for q in self.layers.values():

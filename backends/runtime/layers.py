@@ -85,8 +85,10 @@ class Rope:
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x [T, heads, Dh] -> rotated, positions start..start+T-1."""
         t = x.shape[0]
-        cos = self.cos[start : start + t, None, :].to(x.dtype)  # [T, 1, Dr/2]
-        sin = self.sin[start : start + t, None, :].to(x.dtype)
+        cos = self.cos[start : start + t, None, :]  # [T, 1, Dr/2]
+        sin = self.sin[start : start + t, None, :]
+        if x.dtype != cos.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rot, rest = x[..., : self.dims], x[..., self.dims :]
         if self.neox:
             x0, x1 = rot[..., : self.dims // 2], rot[..., self.dims // 2 :]
