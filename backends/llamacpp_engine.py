@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
-from moechat.backends.chat_template import render_chat
 from moechat.backends.engine import Message, Sampling
 from moechat.backends.errors import MoechatError
 from moechat.backends.events import Event
 from moechat.backends.model_card import ModelCard
+from moechat.backends.prompt import ChatTokenizer
 
 PlacementKind = Literal["cpu", "gpu", "moe"]
 
@@ -93,20 +93,12 @@ class LlamaCppEngine:
                 )
         except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
             raise MoechatError(f"{card.path}: llama.cpp could not load the model ({err})") from err
-        self.template = self.llm.metadata.get("tokenizer.chat_template")
-        self._bos_text = self._token_text(self.llm.token_bos())
-        self._eos_text = self._token_text(self.llm.token_eos())
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        self.tokenizer = ChatTokenizer(self.llm)
+        self.template = self.tokenizer.template
 
     # ---- prompt -------------------------------------------------------------------------
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
-        prompt = render_chat(self.template, list(messages), self._bos_text, self._eos_text)
-        starts_with_bos = bool(self._bos_text) and prompt.startswith(self._bos_text)
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=not starts_with_bos, special=True)
+        return self.tokenizer.prompt_tokens(messages)
 
     # ---- generation ---------------------------------------------------------------------
     def generate(
@@ -140,11 +132,11 @@ class LlamaCppEngine:
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
-                if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+                if self.tokenizer.is_end(token):
                     finish = "stop"
                     break
                 generated.append(token)
-                piece = self.llm.detokenize([token], prev_tokens=generated[:-1])
+                piece = self.tokenizer.piece(token, generated[:-1])
                 decode_s = now - t_first
                 yield Event(
                     text=decoder.decode(piece),

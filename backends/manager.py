@@ -99,4 +99,10 @@ def open_engine(
         else:
             placement = LlamaCppPlacement("cpu")
         return LlamaCppEngine(card, placement, n_ctx=n_ctx, threads=threads)
+    if engine == "torch":
+        if n_cpu_moe is not None:
+            raise MoechatError("--n-cpu-moe is a llama.cpp engine option; the torch engine places experts itself")
+        from moechat.backends.torch_engine import TorchEngine
+
+        return TorchEngine(card, n_ctx=n_ctx, threads=threads)
     raise MoechatError(f"the {engine} engine is not available in this build yet")

@@ -1,0 +1,163 @@
+"""A GGUF file's tensors, read in place through the gguf reader's memory map.
+
+Nothing is copied at load: each tensor is a numpy view on the mapped file. Quantized bytes
+go to ggml's kernels as they lie; small dense tensors (norms, biases) are dequantized to
+torch on request. The pages the OS maps in are file-backed (shared with the page cache),
+so resident memory stays near the file size however often we read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moechat.kernels import dequant
+from moechat.kernels.ggml import QuantWeight
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    name: str
+    type_name: str  # "Q4_0", "F16", ...
+    ggml_type: int
+    shape: tuple[int, ...]  # ggml order: ne0 (input dim) first
+    data: np.ndarray  # view on the memory map (uint8 blocks, or float values for F32/F16)
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+    def quant_weight(self) -> QuantWeight:
+        return QuantWeight(self.data, self.ggml_type, self.shape)
+
+    def to_torch(self, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return dequant.dequantize(self.data, self.type_name, self.torch_shape, dtype=dtype, device=device)
+
+
+class GGUFWeights:
+    """The tensors of a GGUF file as views on one read-only memory map, plus its metadata.
+
+    The header is parsed here rather than by gguf.GGUFReader: the reader turns every
+    vocabulary entry into numpy arrays (seconds and ~140 MB for a 49k vocabulary) while we
+    only need the scalars; tokens come from llama.cpp itself."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.path = str(path)
+        # copy-on-write map: torch can wrap the arrays without a read-only warning; we never
+        # write, so every page stays file-backed
+        self.map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        self.metadata, infos, data_start = _parse_header(self.map)
+        self.tensors: dict[str, RawTensor] = {}
+        for name, shape, type_id, offset in infos:
+            qtype = gguf.GGMLQuantizationType(type_id)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            row_bytes = shape[0] // block * size
+            n_rows = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+            start = data_start + offset
+            raw = self.map[start : start + row_bytes * n_rows]
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                raw = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+                data = raw.reshape(tuple(reversed(shape)))
+            else:
+                data = raw.reshape(tuple(reversed(shape[1:])) + (row_bytes,))
+            self.tensors[name] = RawTensor(name, qtype.name, int(qtype), shape, data)
+
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from our mapping (after copying it elsewhere, e.g. into a
+        repacked ggml buffer): they stop counting in our RSS and stay in the OS page cache,
+        so a later read of the bytes faults them back in from there."""
+        import mmap
+
+        t = self.tensors[name]
+        start = t.data.ctypes.data - self.map.ctypes.data
+        page = mmap.PAGESIZE
+        lo, hi = start // page * page, -(-(start + t.data.nbytes) // page) * page
+        self.map._mmap.madvise(mmap.MADV_DONTNEED, lo, min(hi, self.map.nbytes) - lo)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def raw(self, name: str) -> RawTensor:
+        return self.tensors[name]
+
+    def get(self, name: str) -> RawTensor | None:
+        return self.tensors.get(name)
+
+    def dense(self, name: str, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return self.tensors[name].to_torch(dtype, device)
+
+    def rows(self, name: str, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Rows `ids` of a 2-D tensor, dequantized (the embedding lookup): [T] -> [T, D]."""
+        t = self.tensors[name]
+        picked = t.data[ids.cpu().numpy()]
+        return dequant.dequantize(picked, t.type_name, (len(ids), t.shape[0]), dtype=dtype)
+
+
+# ---- GGUF header ------------------------------------------------------------------------
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+MAX_KEPT_ARRAY = 4096  # longer arrays (the vocabulary) are skipped, not decoded
+
+
+def _parse_header(buf: np.ndarray):
+    """-> (metadata {key: value}, [(name, ggml shape, type id, offset)], data start)."""
+    import struct
+
+    mv = memoryview(buf)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        value = struct.unpack_from(fmt, mv, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return bytes(mv[pos - n : pos]).decode("utf-8", errors="replace")
+
+    def value(vtype):
+        nonlocal pos
+        if vtype in _SCALARS:
+            return take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return string()
+        if vtype == _ARRAY:
+            itype, n = take("<I"), take("<Q")
+            if n > MAX_KEPT_ARRAY:  # skip it
+                if itype == _STRING:
+                    for _ in range(n):
+                        length = take("<Q")  # (not `pos += take(...)`: take moves pos)
+                        pos += length
+                else:
+                    pos += n * struct.calcsize(_SCALARS[itype])
+                return None
+            return [value(itype) for _ in range(n)]
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+    if bytes(mv[:4]) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    pos = 4
+    take("<I")  # version
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("<I"))
+        if v is not None:
+            metadata[key] = v
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("<I")
+        shape = tuple(take("<Q") for _ in range(n_dims))
+        infos.append((name, shape, take("<I"), take("<Q")))
+    align = int(metadata.get("general.alignment", 32))
+    return metadata, infos, (pos + align - 1) // align * align

@@ -1,0 +1,36 @@
+"""The KV cache: one explicit object, a preallocated [L, Hkv, S_max, Dh] buffer per K and V.
+
+Stored in float16 by default, as llama.cpp does (its default cache type is f16), so that the
+attention sees the same rounded keys and values. The buffer is allocated zeroed and lazily
+(the OS maps pages on first write), so a long context costs memory only as it fills.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_tokens: int,
+                 dtype: torch.dtype = torch.float16, device="cpu"):
+        shape = (n_layers, n_kv_heads, max_tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_tokens = max_tokens
+        self.length = 0  # positions 0..length-1 hold valid entries (every layer)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [T, Hkv, Dh] at positions start..start+T-1; return [Hkv, start+T, Dh] views."""
+        end = start + k.shape[0]
+        if end > self.max_tokens:
+            raise ValueError(f"KV cache full: {end} tokens > {self.max_tokens}")
+        self.k[layer, :, start:end] = k.transpose(0, 1)
+        self.v[layer, :, start:end] = v.transpose(0, 1)
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def advance(self, end: int) -> None:
+        self.length = end
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (later writes overwrite them)."""
+        self.length = min(self.length, length)

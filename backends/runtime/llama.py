@@ -1,0 +1,134 @@
+"""llama: dense (the zero-expert case) and with experts (Mixtral) — the base the other
+architectures' files adapt (qwen2moe.py, qwen3moe.py, olmoe.py).
+
+Per layer:  h = x + Wo·attn(rope(Wq·n1(x)), rope(Wk·n1(x)), Wv·n1(x))
+            y = h + ffn(n2(h)),  ffn = SwiGLU (dense) or the routed experts (MoE)
+
+Axis legend: T tokens, D model dim, H heads, Hkv kv heads, Dh head dim, E experts,
+A active experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moechat.backends.runtime.config import ModelArgs
+from moechat.backends.runtime.experts import ExpertBackend, ExpertStore, route
+from moechat.backends.runtime.gguf_weights import GGUFWeights
+from moechat.backends.runtime.kv_cache import KVCache
+from moechat.backends.runtime.layers import Linear, Rope, attention, linear_group, rms_norm, swiglu
+from moechat.kernels.ggml import CpuBackend
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [D]
+    wq: Linear  # D -> H*Dh
+    wk: Linear  # D -> Hkv*Dh
+    wv: Linear  # D -> Hkv*Dh
+    wo: Linear  # H*Dh -> D
+    ffn_norm: torch.Tensor  # [D]
+    router: Linear | None  # D -> E (MoE layers)
+    ffn: tuple[Linear, Linear, Linear] | None  # dense gate, up, down
+    extra: dict  # architecture-specific tensors (q/k norms, shared expert ...)
+
+    def __post_init__(self):
+        self.qkv = linear_group([self.wq, self.wk, self.wv])  # x -> [q, k, v], one ggml call
+
+
+class Model:
+    def __init__(self, args: ModelArgs, weights: GGUFWeights, experts: ExpertStore,
+                 expert_backend: ExpertBackend | None, device: str, dtype: torch.dtype,
+                 cpu: CpuBackend | None, max_tokens: int):
+        self.args, self.weights, self.experts = args, weights, experts
+        self.expert_backend = expert_backend
+        self.device, self.dtype, self.cpu = device, dtype, cpu
+        self.layers = [self.load_layer(i) for i in range(args.n_layers)]
+        self.output_norm = self.tensor("output_norm.weight")
+        head = "output.weight" if "output.weight" in weights else "token_embd.weight"
+        self.output = self.linear(head)
+        factors = weights.get("rope_freqs.weight")
+        self.rope = Rope(args.head_dim, args.rope_dims, args.rope_base, args.rope_neox, max_tokens,
+                         args.rope_scale, factors.data if factors is not None else None, device)
+
+    # ---- loading --------------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.weights.dense(name, self.dtype, self.device)
+
+    def optional(self, name: str) -> torch.Tensor | None:
+        return self.tensor(name) if name in self.weights else None
+
+    def linear(self, name: str) -> Linear:
+        bias = self.optional(name.replace(".weight", ".bias"))
+        return Linear(self.weights.raw(name), bias, self.device, self.dtype, self.cpu, self.weights.release)
+
+    def load_layer(self, i: int) -> LayerWeights:
+        p = f"blk.{i}."
+        moe = f"{p}ffn_gate_inp.weight" in self.weights
+        return LayerWeights(
+            attn_norm=self.tensor(p + "attn_norm.weight"),
+            wq=self.linear(p + "attn_q.weight"),
+            wk=self.linear(p + "attn_k.weight"),
+            wv=self.linear(p + "attn_v.weight"),
+            wo=self.linear(p + "attn_output.weight"),
+            ffn_norm=self.tensor(p + "ffn_norm.weight"),
+            router=self.linear(p + "ffn_gate_inp.weight") if moe else None,
+            ffn=None if moe else tuple(self.linear(f"{p}ffn_{n}.weight") for n in ("gate", "up", "down")),
+            extra=self.load_extra(i),
+        )
+
+    def load_extra(self, i: int) -> dict:
+        return {}
+
+    def routers(self) -> list[torch.Tensor | None]:
+        """Each layer's router weight [E, D] (None for dense layers): engines run the next
+        layers' routers on the current hidden state to guess which experts to prefetch."""
+        return [self.tensor(f"blk.{i}.ffn_gate_inp.weight") if l.router is not None else None
+                for i, l in enumerate(self.layers)]
+
+    # ---- forward --------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # [T] -> [T, D]
+        return self.weights.rows("token_embd.weight", tokens).to(self.device, self.dtype)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, all_logits: bool = True) -> torch.Tensor:
+        """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V], the last)."""
+        x = self.embed(tokens)  # [T, D]
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.args.norm_eps), cache, start)
+            x = x + self.feed_forward(i, layer, rms_norm(x, layer.ffn_norm, self.args.norm_eps))
+        cache.advance(start + tokens.shape[0])
+        if not all_logits:
+            x = x[-1:]
+        return self.output(rms_norm(x, self.output_norm, self.args.norm_eps)).float()  # [T, V]
+
+    def attention(self, i: int, layer: LayerWeights, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        a, t = self.args, x.shape[0]
+        q, k, v = layer.qkv(x)
+        q = q.view(t, a.n_heads, a.head_dim)  # [T, H, Dh]
+        k = k.view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, Dh]
+        v = v.view(t, a.n_kv_heads, a.head_dim)
+        q, k = self.qk_norm(layer, q, k)
+        q, k = self.rope(q, start), self.rope(k, start)
+        k_all, v_all = cache.update(i, start, k, v)  # [Hkv, S, Dh]
+        return layer.wo(attention(q, k_all, v_all, start, a.attn_scale))  # [T, D]
+
+    def qk_norm(self, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor):
+        return q, k
+
+    def feed_forward(self, i: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        if layer.router is None:
+            gate, up, down = layer.ffn
+            return down(swiglu(gate(x), up(x)))
+        return self.routed_experts(i, layer, x)
+
+    def routed_experts(self, i: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        expert_ids, gate_weights = route(layer.router(x), a.n_experts_used, a.norm_topk,
+                                         a.expert_weights_scale)  # [T, A], [T, A]
+        return self.expert_backend.moe_forward(i, x, expert_ids, gate_weights)  # [T, D]
+
+    def new_cache(self, max_tokens: int, dtype: torch.dtype = torch.float16) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_tokens, dtype, self.device)

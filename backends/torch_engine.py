@@ -1,0 +1,138 @@
+"""The torch engine: moechat's own PyTorch runtime (backends/runtime) behind the Engine
+protocol, so `--engine torch`, `moechat ask` and the TUI work unchanged.
+
+Same GGUF, same tokenizer (llama.cpp's, vocab only) as the llama.cpp engine; a multi-turn
+chat reuses the KV cache for the prefix the new prompt shares with what was evaluated.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from typing import Iterator
+
+from moechat.backends.engine import Message, Sampling
+from moechat.backends.errors import MoechatError
+from moechat.backends.events import Event
+from moechat.backends.model_card import ModelCard
+
+
+PREFILL_CHUNK = 256  # bounds the prefill's intermediate buffers
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, card: ModelCard, n_ctx: int | None = None, threads: int | None = None,
+                 device: str | None = None, expert_backend=None):
+        import torch
+
+        from moechat.backends.llamacpp_engine import default_threads
+        from moechat.backends.prompt import ChatTokenizer
+        from moechat.backends.runtime import load_model
+        from moechat.backends.runtime.model import default_device
+
+        self.card = card
+        self.n_ctx = n_ctx or min(card.context_length, 4096)
+        self.device = device or default_device()
+        threads = threads or default_threads()
+        if self.device == "cpu":
+            # The heavy products run in ggml's own thread pool; torch only does small ops,
+            # and a second busy OpenMP pool would fight ggml's for the same cores.
+            torch.set_num_threads(1)
+        self.model = load_model(card.path, self.device, threads=threads, expert_backend=expert_backend,
+                                max_tokens=self.n_ctx)
+        self.tokenizer = ChatTokenizer.open(card.path)
+        self.cache = self.model.new_cache(self.n_ctx)
+        self.evaluated: list[int] = []  # tokens whose keys/values are in the cache
+        where = "CPU, ggml kernels on the GGUF's quantized bytes" if self.device == "cpu" else self.device
+        plural = "s" if threads != 1 else ""
+        self.placement = f"{where}, {threads} thread{plural}" if self.device == "cpu" else where
+
+    def forward(self, tokens: list[int], start: int, all_logits: bool = False):
+        """Evaluate tokens at positions start.. (in chunks of PREFILL_CHUNK) -> logits."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(tokens), PREFILL_CHUNK):
+                chunk = torch.tensor(tokens[i : i + PREFILL_CHUNK], dtype=torch.long)
+                out.append(self.model.forward(chunk, self.cache, start + i, all_logits))
+        del self.evaluated[start:]
+        self.evaluated.extend(tokens)
+        return torch.cat(out) if all_logits else out[-1]
+
+    def generate(self, messages: list[Message], sampling: Sampling,
+                 cancel: threading.Event | None = None) -> Iterator[Event]:
+        import psutil
+        import torch
+
+        from moechat.backends.runtime.sampling import sample
+
+        tokens = self.tokenizer.prompt_tokens(messages)
+        if len(tokens) >= self.n_ctx:
+            raise MoechatError(f"the conversation has {len(tokens)} tokens; the context holds {self.n_ctx}")
+        max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
+        generator = torch.Generator().manual_seed(sampling.seed)
+
+        reused = _common_prefix(self.evaluated, tokens)
+        reused = min(reused, len(tokens) - 1)  # the last prompt token is evaluated for its logits
+        self.cache.truncate(reused)
+        t0 = time.perf_counter()
+        logits = self.forward(tokens[reused:], reused)[-1]
+        prefill_s = time.perf_counter() - t0
+        prefill_tok_s = (len(tokens) - reused) / prefill_s if prefill_s > 0 else 0.0
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        generated: list[int] = []
+        finish, decode_s, n_decoded = "length", 0.0, 0
+        pos = len(tokens)
+        while True:
+            token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            if self.tokenizer.is_end(token):
+                finish = "stop"
+                break
+            generated.append(token)
+            text = decoder.decode(self.tokenizer.piece(token, generated[:-1]))
+            yield Event(text=text, token_ids=(token,), prompt_tokens=len(tokens), prefill_tok_s=prefill_tok_s,
+                        decode_tok_s=n_decoded / decode_s if decode_s > 0 else 0.0)
+            if len(generated) >= max_tokens or pos >= self.n_ctx:
+                break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            t1 = time.perf_counter()
+            logits = self.forward([token], pos)[-1]
+            decode_s += time.perf_counter() - t1
+            n_decoded += 1
+            pos += 1
+        yield Event(
+            text=decoder.decode(b"", final=True),
+            prompt_tokens=len(tokens),
+            prefill_tok_s=prefill_tok_s,
+            decode_tok_s=n_decoded / decode_s if decode_s > 0 else 0.0,
+            rss_bytes=psutil.Process().memory_info().rss,
+            stats={
+                "placement": self.placement,
+                "prompt_tokens_evaluated": len(tokens) - reused,
+                "prompt_tokens_reused": reused,
+                "decoded_tokens": n_decoded,
+            },
+            finish_reason=finish,
+        )
+
+    def close(self) -> None:
+        tok, self.tokenizer = getattr(self, "tokenizer", None), None
+        if tok is not None:
+            tok.close()
+        self.model = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
