@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moechat.backends.gguf_header import parse_header
 from moechat.kernels import dequant
 from moechat.kernels.ggml import QuantWeight
 
@@ -39,7 +40,7 @@ class RawTensor:
 class GGUFWeights:
     """The tensors of a GGUF file as views on one read-only memory map, plus its metadata.
 
-    The header is parsed here rather than by gguf.GGUFReader: the reader turns every
+    The header is parsed by backends/gguf_header.py, not gguf.GGUFReader: the reader turns every
     vocabulary entry into numpy arrays (seconds and ~140 MB for a 49k vocabulary) while we
     only need the scalars; tokens come from llama.cpp itself."""
 
@@ -50,14 +51,18 @@ class GGUFWeights:
         # copy-on-write map: torch can wrap the arrays without a read-only warning; we never
         # write, so every page stays file-backed
         self.map = np.memmap(self.path, dtype=np.uint8, mode="c")
-        self.metadata, infos, data_start = _parse_header(self.map)
+        with open(self.path, "rb") as f:
+            header = parse_header(f.read)
+        # long arrays (the vocabulary) come back as None: tokens come from llama.cpp itself
+        self.metadata = {k: v for k, v in header.metadata.items() if v is not None}
         self.tensors: dict[str, RawTensor] = {}
-        for name, shape, type_id, offset in infos:
-            qtype = gguf.GGMLQuantizationType(type_id)
+        for info in header.tensors:
+            name, shape = info.name, info.shape
+            qtype = gguf.GGMLQuantizationType[info.type_name]
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             row_bytes = shape[0] // block * size
             n_rows = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-            start = data_start + offset
+            start = info.offset
             raw = self.map[start : start + row_bytes * n_rows]
             if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 raw = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
@@ -95,69 +100,3 @@ class GGUFWeights:
         t = self.tensors[name]
         picked = t.data[ids.cpu().numpy()]
         return dequant.dequantize(picked, t.type_name, (len(ids), t.shape[0]), dtype=dtype)
-
-
-# ---- GGUF header ------------------------------------------------------------------------
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-MAX_KEPT_ARRAY = 4096  # longer arrays (the vocabulary) are skipped, not decoded
-
-
-def _parse_header(buf: np.ndarray):
-    """-> (metadata {key: value}, [(name, ggml shape, type id, offset)], data start)."""
-    import struct
-
-    mv = memoryview(buf)
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        value = struct.unpack_from(fmt, mv, pos)[0]
-        pos += struct.calcsize(fmt)
-        return value
-
-    def string():
-        nonlocal pos
-        n = take("<Q")
-        pos += n
-        return bytes(mv[pos - n : pos]).decode("utf-8", errors="replace")
-
-    def value(vtype):
-        nonlocal pos
-        if vtype in _SCALARS:
-            return take(_SCALARS[vtype])
-        if vtype == _STRING:
-            return string()
-        if vtype == _ARRAY:
-            itype, n = take("<I"), take("<Q")
-            if n > MAX_KEPT_ARRAY:  # skip it
-                if itype == _STRING:
-                    for _ in range(n):
-                        length = take("<Q")  # (not `pos += take(...)`: take moves pos)
-                        pos += length
-                else:
-                    pos += n * struct.calcsize(_SCALARS[itype])
-                return None
-            return [value(itype) for _ in range(n)]
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
-    if bytes(mv[:4]) != b"GGUF":
-        raise ValueError("not a GGUF file")
-    pos = 4
-    take("<I")  # version
-    n_tensors, n_kv = take("<Q"), take("<Q")
-    metadata = {}
-    for _ in range(n_kv):
-        key = string()
-        v = value(take("<I"))
-        if v is not None:
-            metadata[key] = v
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        n_dims = take("<I")
-        shape = tuple(take("<Q") for _ in range(n_dims))
-        infos.append((name, shape, take("<I"), take("<Q")))
-    align = int(metadata.get("general.alignment", 32))
-    return metadata, infos, (pos + align - 1) // align * align
