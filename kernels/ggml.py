@@ -1,0 +1,445 @@
+"""ggml's own CPU kernels, called on a GGUF's quantized bytes in place (ctypes).
+
+Why: at batch 1 an expert's matrix-vector product is memory-bound, and ggml's quantized
+dot products read the GGUF's blocks at the memory limit (~27 GB/s here on Q4_0) where torch
+manages ~13 GB/s on bf16 and far less with its int4/int8 weight-only ops. ggml quantizes the
+activation (Q8_0/Q8_K, or F16 for F16 weights) before the dot product, exactly as llama.cpp
+does, so using it also gives llama.cpp's numerics. See shared/notes/ggml-kernels.md.
+
+Route: symbols come through libllama's own handle (`llama_cpp.llama_cpp._lib`), so this is
+the very ggml copy llama.cpp uses. Every ggml object is an opaque pointer; weights are wrapped
+where they lie (`ggml_backend_cpu_buffer_from_ptr`), everything else (inputs, intermediates,
+outputs) is allocated by ggml once per graph. A graph is built once per (shape, n_tokens)
+and re-run with new input values.
+
+Traps handled here: ggml aborts the process on a failed assertion, so shapes, types, byte
+counts, expert ids and 32-byte alignment are checked in Python first; every wrapped array is
+kept alive by the object whose graph points at it.
+
+Axis legend: T tokens, D input dim (ne0), N output rows (ne1), E experts, A active experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+TENSOR_ALIGNMENT = 32
+GGML_TYPE_F32 = 0
+GGML_TYPE_I32 = 26
+GGML_STATUS_SUCCESS = 0
+
+_p = ctypes.c_void_p
+_i64 = ctypes.c_int64
+_size = ctypes.c_size_t
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", _size), ("mem_buffer", _p), ("no_alloc", ctypes.c_bool)]
+
+
+_SIGNATURES = {
+    # name: (restype, argtypes)
+    "ggml_init": (_p, [_InitParams]),
+    "ggml_free": (None, [_p]),
+    "ggml_tensor_overhead": (_size, []),
+    "ggml_graph_overhead": (_size, []),
+    "ggml_new_tensor_1d": (_p, [_p, ctypes.c_int, _i64]),
+    "ggml_new_tensor_2d": (_p, [_p, ctypes.c_int, _i64, _i64]),
+    "ggml_new_tensor_3d": (_p, [_p, ctypes.c_int, _i64, _i64, _i64]),
+    "ggml_reshape_3d": (_p, [_p, _p, _i64, _i64, _i64]),
+    "ggml_mul_mat": (_p, [_p, _p, _p]),
+    "ggml_mul_mat_id": (_p, [_p, _p, _p, _p]),
+    "ggml_swiglu_split": (_p, [_p, _p, _p]),
+    "ggml_new_graph": (_p, [_p]),
+    "ggml_build_forward_expand": (None, [_p, _p]),
+    "ggml_nbytes": (_size, [_p]),
+    "ggml_get_data": (_p, [_p]),
+    "ggml_row_size": (_size, [ctypes.c_int, _i64]),
+    "ggml_blck_size": (_i64, [ctypes.c_int]),
+    "ggml_backend_cpu_init": (_p, []),
+    "ggml_backend_cpu_set_n_threads": (None, [_p, ctypes.c_int]),
+    "ggml_backend_free": (None, [_p]),
+    "ggml_backend_graph_compute": (ctypes.c_int, [_p, _p]),
+    "ggml_backend_cpu_buffer_from_ptr": (_p, [_p, _size]),
+    "ggml_backend_tensor_alloc": (ctypes.c_int, [_p, _p, _p]),
+    "ggml_backend_alloc_ctx_tensors": (_p, [_p, _p]),
+    "ggml_backend_buffer_free": (None, [_p]),
+}
+
+
+@functools.cache
+def lib() -> ctypes.CDLL:
+    """libllama's handle with ggml's signatures declared (dlsym searches its dependencies)."""
+    import llama_cpp.llama_cpp as ll
+
+    handle = ll._lib
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(handle, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return handle
+
+
+# ---- weights ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A weight as it lies in the GGUF: raw bytes, ggml type id and ggml shape.
+
+    `shape` is ggml order (ne0 = input dim first): (D, N) for a matrix, (D, N, E) for a stack
+    of E expert matrices. `data` is any array whose buffer holds exactly those bytes (a view on
+    the GGUF's memory map); it is kept alive by whoever holds this object.
+    """
+
+    data: np.ndarray
+    ggml_type: int
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        check_weight(self)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+def ggml_type_id(type_name_or_id: int | str) -> int:
+    import gguf
+
+    if isinstance(type_name_or_id, str):
+        try:
+            return int(gguf.GGMLQuantizationType[type_name_or_id])
+        except KeyError:
+            raise ValueError(f"unknown ggml type {type_name_or_id!r}") from None
+    return int(gguf.GGMLQuantizationType(type_name_or_id))
+
+
+def check_weight(w: QuantWeight) -> None:
+    """Everything ggml would assert on, checked here so that it raises instead of aborting."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(w.ggml_type)  # ValueError on an unknown id
+    if qtype not in gguf.GGML_QUANT_SIZES:
+        raise ValueError(f"ggml type {qtype.name} has no block layout")
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if not 2 <= len(w.shape) <= 3 or min(w.shape) <= 0:
+        raise ValueError(f"weight shape {w.shape}: need (D, N) or (D, N, E)")
+    if w.shape[0] % block:
+        raise ValueError(f"{qtype.name}: row length {w.shape[0]} is not a multiple of {block}")
+    expected = int(lib().ggml_row_size(int(qtype), w.shape[0])) * int(np.prod(w.shape[1:]))
+    if w.data.nbytes != expected:
+        raise ValueError(f"{qtype.name} {w.shape}: {w.data.nbytes} bytes, expected {expected}")
+    if not w.data.flags.c_contiguous:
+        raise ValueError("weight bytes must be contiguous")
+    if w.data.ctypes.data % TENSOR_ALIGNMENT:
+        raise ValueError(f"weight bytes are not {TENSOR_ALIGNMENT}-byte aligned")
+
+
+# ---- backend ----------------------------------------------------------------------------
+
+
+class CpuBackend:
+    """One ggml CPU backend (its thread count and work buffer), shared by many graphs."""
+
+    def __init__(self, threads: int):
+        self.lib = lib()
+        self.ptr = self.lib.ggml_backend_cpu_init()
+        if not self.ptr:
+            raise RuntimeError("ggml_backend_cpu_init failed")
+        self.threads = 0
+        self.set_threads(threads)
+        self.lock = threading.Lock()  # one graph computes at a time on a backend
+
+    def set_threads(self, threads: int) -> None:
+        threads = max(1, int(threads))
+        self.lib.ggml_backend_cpu_set_n_threads(self.ptr, threads)
+        self.threads = threads
+
+    def close(self) -> None:
+        ptr, self.ptr = self.ptr, None
+        if ptr:
+            self.lib.ggml_backend_free(ptr)
+
+    def __del__(self):
+        self.close()
+
+
+class _Graph:
+    """A ggml context + graph whose weights point into caller-owned memory.
+
+    Subclasses create weight tensors with `_weight()`, other leaf tensors with `_new()`, build
+    the ops, call `_finish(out)` and then `_run()` for each call.
+    """
+
+    MAX_TENSORS = 64
+
+    def __init__(self, backend: CpuBackend):
+        self.lib = backend.lib
+        self.backend = backend
+        overhead = self.lib.ggml_tensor_overhead() * self.MAX_TENSORS + self.lib.ggml_graph_overhead()
+        self.ctx = self.lib.ggml_init(_InitParams(overhead, None, True))
+        if not self.ctx:
+            raise RuntimeError("ggml_init failed")
+        self._keep: list[object] = []  # arrays our tensors point into
+        self._wrapped: list[int] = []  # buffers wrapping caller memory
+        self._buffer = None  # the buffer ggml allocated for everything else
+        self.graph = None
+
+    def _weight(self, w: QuantWeight) -> int:
+        shape = [int(s) for s in w.shape]
+        if len(shape) == 2:
+            t = self.lib.ggml_new_tensor_2d(self.ctx, w.ggml_type, *shape)
+        else:
+            t = self.lib.ggml_new_tensor_3d(self.ctx, w.ggml_type, *shape)
+        if self.lib.ggml_nbytes(t) != w.nbytes:
+            raise ValueError(f"ggml sizes {w.shape} as {self.lib.ggml_nbytes(t)} bytes, have {w.nbytes}")
+        ptr = w.data.ctypes.data
+        buf = self.lib.ggml_backend_cpu_buffer_from_ptr(ptr, w.nbytes)
+        self._wrapped.append(buf)
+        if self.lib.ggml_backend_tensor_alloc(buf, t, ptr) != GGML_STATUS_SUCCESS:
+            raise RuntimeError("ggml_backend_tensor_alloc failed")
+        self._keep.append(w.data)
+        return t
+
+    def _new(self, ggml_type: int, *shape: int) -> int:
+        make = {1: self.lib.ggml_new_tensor_1d, 2: self.lib.ggml_new_tensor_2d, 3: self.lib.ggml_new_tensor_3d}
+        return make[len(shape)](self.ctx, ggml_type, *shape)
+
+    def _finish(self, out: int) -> None:
+        self.graph = self.lib.ggml_new_graph(self.ctx)
+        self.lib.ggml_build_forward_expand(self.graph, out)
+        self._buffer = self.lib.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.ptr)
+        if not self._buffer:
+            raise RuntimeError("ggml could not allocate the graph's tensors")
+
+    def _set(self, t: int, x: np.ndarray) -> None:
+        assert x.flags.c_contiguous and x.nbytes == self.lib.ggml_nbytes(t)
+        ctypes.memmove(self.lib.ggml_get_data(t), x.ctypes.data, x.nbytes)
+
+    def _get(self, t: int, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty(shape, dtype=np.float32)
+        assert out.nbytes == self.lib.ggml_nbytes(t)
+        ctypes.memmove(out.ctypes.data, self.lib.ggml_get_data(t), out.nbytes)
+        return out
+
+    def _run(self) -> None:
+        with self.backend.lock:
+            status = self.lib.ggml_backend_graph_compute(self.backend.ptr, self.graph)
+        if status != GGML_STATUS_SUCCESS:
+            raise RuntimeError(f"ggml graph compute failed (status {status})")
+
+    def close(self) -> None:
+        if self._buffer:
+            self.lib.ggml_backend_buffer_free(self._buffer)
+            self._buffer = None
+        for buf in self._wrapped:
+            self.lib.ggml_backend_buffer_free(buf)  # frees the wrapper, not the memory
+        self._wrapped.clear()
+        if self.ctx:
+            self.lib.ggml_free(self.ctx)
+            self.ctx = None
+        self._keep.clear()
+
+    def __del__(self):
+        self.close()
+
+
+# ---- y = W @ x --------------------------------------------------------------------------
+
+
+class _MatmulGraph(_Graph):
+    def __init__(self, backend: CpuBackend, weight: QuantWeight, n_tokens: int):
+        super().__init__(backend)
+        d, n = weight.shape
+        self.w = self._weight(weight)
+        self.x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D] row-major
+        self.y = self.lib.ggml_mul_mat(self.ctx, self.w, self.x)  # [T, N]
+        self._finish(self.y)
+        self.out_shape = (n_tokens, n)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self._set(self.x, x)
+        self._run()
+        return self._get(self.y, self.out_shape)
+
+
+class QuantLinear:
+    """y = x @ W.T with W a GGUF weight (any ggml type) read in place; graphs cached per T."""
+
+    def __init__(self, weight: QuantWeight, backend: CpuBackend):
+        if len(weight.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got {weight.shape}")
+        self.weight, self.backend = weight, backend
+        self.in_features, self.out_features = weight.shape
+        self._graphs: dict[int, _MatmulGraph] = {}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x [T, D] (or [D]) float32 -> [T, N] (or [N]) float32."""
+        vec = x.ndim == 1
+        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
+        if x2.shape[1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, weight expects {self.in_features}")
+        g = self._graph(x2.shape[0])
+        y = g(x2)
+        return y[0] if vec else y
+
+    def _graph(self, n_tokens: int) -> _MatmulGraph:
+        g = self._graphs.get(n_tokens)
+        if g is None:
+            if len(self._graphs) > 8:  # prefill lengths vary: keep decode's graph, drop others
+                for k in [k for k in self._graphs if k != 1]:
+                    self._graphs.pop(k).close()
+            g = self._graphs[n_tokens] = _MatmulGraph(self.backend, self.weight, n_tokens)
+        return g
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+
+
+# ---- the MoE op: a SwiGLU FFN for the selected experts of stacked expert tensors ---------
+
+
+class _ExpertsGraph(_Graph):
+    def __init__(self, backend, gate: QuantWeight, up: QuantWeight, down: QuantWeight, n_tokens: int, n_used: int):
+        super().__init__(backend)
+        d, i, e = gate.shape
+        self.wg, self.wu, self.wd = self._weight(gate), self._weight(up), self._weight(down)
+        self.x = self._new(GGML_TYPE_F32, d, 1, n_tokens)  # [T, 1, D]
+        self.ids = self._new(GGML_TYPE_I32, n_used, n_tokens)  # [T, A]
+        g = self.lib.ggml_mul_mat_id(self.ctx, self.wg, self.x, self.ids)  # [T, A, I]
+        u = self.lib.ggml_mul_mat_id(self.ctx, self.wu, self.x, self.ids)  # [T, A, I]
+        h = self.lib.ggml_swiglu_split(self.ctx, g, u)  # silu(g) * u      [T, A, I]
+        self.y = self.lib.ggml_mul_mat_id(self.ctx, self.wd, h, self.ids)  # [T, A, D]
+        self._finish(self.y)
+        self.out_shape = (n_tokens, n_used, d)
+
+    def __call__(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        self._set(self.x, x)
+        self._set(self.ids, ids)
+        self._run()
+        return self._get(self.y, self.out_shape)
+
+
+class QuantExperts:
+    """The routed experts of one layer: y[t, a] = down_e(silu(gate_e(x_t)) * up_e(x_t)),
+    e = expert_ids[t, a], from stacked 3-D GGUF expert tensors (ggml_mul_mat_id): only the
+    selected experts' bytes are read. Gate weighting and the sum over A are the caller's."""
+
+    def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight, backend: CpuBackend):
+        d, i, e = gate.shape
+        if up.shape != (d, i, e) or down.shape != (i, d, e):
+            raise ValueError(f"expert shapes disagree: gate {gate.shape}, up {up.shape}, down {down.shape}")
+        self.gate, self.up, self.down, self.backend = gate, up, down, backend
+        self.dim, self.ffn_dim, self.n_experts = d, i, e
+        self._graphs: dict[tuple[int, int], _ExpertsGraph] = {}
+
+    def __call__(self, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+        """x [T, D] float32, expert_ids [T, A] integer -> [T, A, D] float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        ids = np.ascontiguousarray(expert_ids, dtype=np.int32)
+        if x.ndim != 2 or x.shape[1] != self.dim or ids.ndim != 2 or ids.shape[0] != x.shape[0]:
+            raise ValueError(f"x {x.shape} / expert_ids {ids.shape} do not fit D={self.dim}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_experts):
+            raise ValueError(f"expert ids must be in [0, {self.n_experts})")
+        key = ids.shape
+        g = self._graphs.get(key)
+        if g is None:
+            if len(self._graphs) > 8:
+                for k in [k for k in self._graphs if k[0] != 1]:
+                    self._graphs.pop(k).close()
+            g = self._graphs[key] = _ExpertsGraph(self.backend, self.gate, self.up, self.down, *key)
+        return g(x, ids)
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+
+
+# ---- measurement -------------------------------------------------------------------------
+
+
+def aligned_empty(nbytes: int, dtype=np.uint8) -> np.ndarray:
+    """A zeroed array whose data starts on a TENSOR_ALIGNMENT boundary (numpy gives 16)."""
+    raw = np.zeros(nbytes + TENSOR_ALIGNMENT, dtype=np.uint8)
+    start = (-raw.ctypes.data) % TENSOR_ALIGNMENT
+    return raw[start : start + nbytes].view(dtype)
+
+
+# Byte offsets of the half-float scale fields inside one block, per type (ggml-common.h).
+_F16_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+
+
+def random_blocks(qtype: int | str, n_rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random valid blocks of `qtype`, [n_rows, row_bytes] uint8, 32-byte aligned.
+
+    Quantized types: random bytes with each half-float scale set to a small finite value
+    (random bytes would hold NaN/Inf scales). Float types: random small values."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(ggml_type_id(qtype))
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    if cols % block:
+        raise ValueError(f"{qtype.name}: {cols} columns is not a multiple of {block}")
+    row_bytes = cols // block * block_bytes
+    data = aligned_empty(n_rows * row_bytes)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        data.view(np.float32)[:] = rng.standard_normal(n_rows * cols, dtype=np.float32) * 0.05
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        data.view(np.float16)[:] = rng.standard_normal(n_rows * cols, dtype=np.float32) * 0.05
+    elif qtype == gguf.GGMLQuantizationType.BF16:
+        f = rng.standard_normal(n_rows * cols, dtype=np.float32) * 0.05
+        data.view(np.uint16)[:] = (f.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        data[:] = rng.integers(0, 256, data.size, dtype=np.uint8)
+        blocks = data.reshape(-1, block_bytes)
+        for off in _F16_FIELDS.get(qtype.name, ()):
+            scale = rng.uniform(1e-3, 1e-2, blocks.shape[0]).astype(np.float16)
+            blocks[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return data.reshape(n_rows, row_bytes)
+
+
+def random_quant_weight(qtype: int | str, rows: int, cols: int, seed: int = 0) -> tuple[QuantWeight, np.ndarray]:
+    """A random (rows x cols) weight in `qtype` and its dequantized float32 values."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(ggml_type_id(qtype))
+    data = random_blocks(qtype, rows, cols, np.random.default_rng(seed))
+    dense = gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(rows, cols)
+    return QuantWeight(data, int(qtype), (cols, rows)), dense
+
+
+def quantized_matvec_bytes_per_s(qtype: int | str, rows: int, cols: int, threads: int, repeats: int = 20) -> float:
+    """Weight bytes read per second by ggml's matrix-vector product (batch 1), best of `repeats`.
+
+    The weight is random blocks written straight as bytes (quantizing 100M floats in Python
+    would take minutes); the rate depends on the shape and type, not the values."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType(ggml_type_id(qtype))
+    rng = np.random.default_rng(0)
+    data = random_blocks(qtype, rows, cols, rng)
+    nbytes = data.nbytes
+    backend = CpuBackend(threads)
+    linear = QuantLinear(QuantWeight(data, int(qtype), (cols, rows)), backend)
+    x = rng.standard_normal(cols, dtype=np.float32)
+    linear(x)  # warm-up: builds the graph, faults the pages in
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        linear(x)
+        best = min(best, time.perf_counter() - t0)
+    linear.close()
+    backend.close()
+    return nbytes / best
