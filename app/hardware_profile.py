@@ -32,8 +32,10 @@ PROFILE_VERSION = 1  # bump when measurements change meaning: cached profiles ar
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8", "neon", "asimd", "sve")
 MIN_STREAM_BYTES = 256 * 1024**2
+MIN_MATVEC_BYTES = 128 * 1024**2
 MATVEC_SHAPE = (14336, 4096)  # one Mixtral-8x7B expert projection: rows x cols
 MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16")
+_QUANT_SIZES = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144), "F16": (1, 2)}  # block, bytes
 
 
 @dataclass(frozen=True)
@@ -285,14 +287,22 @@ def measure_cpu_gflops(threads: int, seconds: float = 1.0) -> float:
 def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0) -> tuple[dict[str, float], str]:
     """Weight GB/s of a batch-1 matvec on expert-sized matrices (several, so that together they
     exceed the cache). ggml's own kernels on quantized bytes when the binding is available."""
+    rows, cols = MATVEC_SHAPE
     try:
-        from moechat.app import ggml_matvec
-    except ImportError:
-        ggml_matvec = None
-    if ggml_matvec is not None and ggml_matvec.available():
-        rates = {q: ggml_matvec.matvec_gbs(q, MATVEC_SHAPE, threads, seconds / len(MATVEC_QTYPES))
-                 for q in MATVEC_QTYPES}
-        return rates, f"measured: ggml mul_mat on {MATVEC_SHAPE[0]}x{MATVEC_SHAPE[1]} expert matrices, {threads} threads"
+        from moechat.kernels import ggml
+
+        ggml.lib()
+    except Exception:  # no llama-cpp-python / ggml symbols: fall back below
+        ggml = None
+    if ggml is not None:
+        target = max(MIN_MATVEC_BYTES, 4 * _llc_bytes())
+        rates = {}
+        for q in MATVEC_QTYPES:
+            block, block_bytes = _QUANT_SIZES[q]
+            n_rows = max(rows, -(-target // (cols // block * block_bytes)))  # >= 4x LLC of weights
+            rates[q] = ggml.quantized_matvec_bytes_per_s(q, n_rows, cols, threads, repeats=6) / 1e9
+        return rates, (f"measured: ggml mul_mat (batch 1) on {cols}-wide expert rows, >= {target >> 20} MiB "
+                       f"of weights per type, {threads} threads, best of 6")
     import numpy as np
 
     rows, cols = MATVEC_SHAPE
