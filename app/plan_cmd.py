@@ -1,0 +1,155 @@
+"""`moechat plan MODEL`: every way to run MODEL here, predicted; the choice and why.
+
+`--measure` then runs each fitting candidate briefly and prints measured speeds next to the
+predicted ones. Before measuring it re-measures this machine's bandwidths, so that the
+prediction and the measurement see the same machine load (shared machines vary minute to
+minute); every candidate is measured in alternating rounds and the best round is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "predict every engine/placement for a model on this machine and pick the fastest"
+MEASURE_ROUNDS = 3
+MEASURE_PROMPT_TOKENS = 64
+MEASURE_DECODE_TOKENS = 32
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", nargs="?", help="GGUF path or catalogue name (default: the demo model)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--profile", metavar="FILE", help="plan for the machine in this profile JSON")
+    parser.add_argument("--ctx", type=int, metavar="N", help="context length to plan for (default: min(model, 4096))")
+    parser.add_argument("--measure", action="store_true",
+                        help="run each fitting candidate briefly here and show predicted vs measured")
+    parser.add_argument("--rounds", type=int, default=MEASURE_ROUNDS, help="measurement rounds (best kept)")
+
+
+def run(args) -> int:
+    from moechat.app.hardware_profile import load_profile, read_profile
+    from moechat.backends.errors import MoechatError
+    from moechat.backends.model_resolve import resolve_card
+    from moechat.backends.planner import NoFitError, make_plan
+
+    if args.ctx is not None and args.ctx <= 0:
+        raise MoechatError("--ctx must be a positive number of tokens")
+    if args.measure and args.profile:
+        raise MoechatError("--measure runs here; it cannot be combined with --profile")
+    card = resolve_card(args.model, allow_remote=True)
+    if args.profile:
+        profile = read_profile(args.profile)
+    else:
+        progress = None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr))
+        profile = load_profile(refresh=args.measure, progress=progress)
+    try:
+        plan = make_plan(card, profile, n_ctx=args.ctx)
+    except NoFitError as err:
+        if not args.json:
+            print(render_table(err.candidates, None))
+        raise
+    measured = measure_candidates(card, plan, args) if args.measure else {}
+    if args.json:
+        out = plan.to_dict()
+        if measured:
+            for entry, cand in zip(out["candidates"], plan.candidates):
+                m = measured.get(cand)
+                if m:
+                    entry["measured_prefill_tok_s"], entry["measured_decode_tok_s"] = m
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{card.name} ({card.tensor_bytes / 2**30:.1f} GiB) on {_machine(profile)}")
+    print(render_table(plan.candidates, plan.choice, measured))
+    print(f"\nchoice: {plan.choice.engine} · {_placement_text(plan.choice)}")
+    print(f"why: {plan.reason}")
+    if measured:
+        fastest = max(measured, key=lambda c: measured[c][1])
+        verdict = "yes" if fastest == plan.choice else f"no (measured fastest: {_placement_text(fastest)})"
+        print(f"choice is the measured fastest: {verdict}")
+    return 0
+
+
+def _machine(profile) -> str:
+    gpu = ", ".join(g.name for g in profile.gpus) or "no GPU"
+    return (f"{profile.cpu.model} ({profile.cpu.usable_cores} cores), "
+            f"{profile.ram.total_bytes / 2**30:.0f} GiB RAM at {profile.ram_read_gbs:.0f} GB/s, {gpu}")
+
+
+def _placement_text(c) -> str:
+    if c.placement == "moe":
+        return f"experts of {c.n_cpu_moe} layers in RAM (--n-cpu-moe {c.n_cpu_moe})"
+    return {"cpu": "CPU only", "gpu": "all on GPU"}.get(c.placement, c.placement)
+
+
+def render_table(candidates, choice, measured=None) -> str:
+    measured = measured or {}
+    head = ["", "engine", "placement", "prefill tok/s", "decode tok/s", "RAM GiB", "VRAM GiB", "fits", "note"]
+    if measured:
+        head[5:5] = ["measured prefill", "measured decode", "decode error"]
+    rows = [head]
+    for c in candidates:
+        row = [
+            "*" if c == choice else "",
+            c.engine,
+            _placement_text(c),
+            f"{c.prefill_tok_s:.1f}" if c.prefill_tok_s else "-",
+            f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
+            f"{c.ram_bytes / 2**30:.2f}",
+            f"{c.vram_bytes / 2**30:.2f}",
+            "yes" if c.fits else "no",
+            c.note if c.available or not c.note else f"unavailable: {c.note}",
+        ]
+        if measured:
+            m = measured.get(c)
+            row[5:5] = ([f"{m[0]:.1f}", f"{m[1]:.1f}", f"{(c.decode_tok_s / m[1] - 1) * 100:+.0f}%"]
+                        if m else ["", "", ""])
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def measure_candidates(card, plan, args) -> dict:
+    """{candidate: (prefill tok/s, decode tok/s)} for every fitting, available candidate, each
+    measured in `rounds` alternating rounds (engines stay loaded), best round kept."""
+    from moechat.backends.manager import engine_for_candidate
+
+    chosen = [c for c in plan.candidates if c.fits and c.available]
+    engines = {}
+    try:
+        for c in chosen:
+            print(f"loading {c.engine} · {_placement_text(c)}...", file=sys.stderr)
+            engines[c] = engine_for_candidate(card, c, n_ctx=512)
+        best = {c: (0.0, 0.0) for c in chosen}
+        for r in range(max(1, args.rounds)):
+            for c in chosen:
+                prefill, decode = time_llama(engines[c].llm)
+                best[c] = (max(best[c][0], prefill), max(best[c][1], decode))
+                print(f"round {r + 1}: {_placement_text(c)}: prefill {prefill:.1f}, decode {decode:.1f} tok/s",
+                      file=sys.stderr)
+        return best
+    finally:
+        for e in engines.values():
+            e.close()
+
+
+def time_llama(llm, n_prompt: int = MEASURE_PROMPT_TOKENS, n_decode: int = MEASURE_DECODE_TOKENS):
+    """(prefill tok/s, decode tok/s) of one run: a prompt of n_prompt tokens in one batch, then
+    n_decode single-token steps, each synchronized (llama.cpp's own tg timing; notes/llamacpp.md)."""
+    import time
+
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+    prompt = [(1000 + 7 * i) % n_vocab for i in range(n_prompt)]
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    llama_cpp.llama_synchronize(llm.ctx)
+    prefill = n_prompt / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(n_decode):
+        llm.eval([(2000 + 13 * i) % n_vocab])
+        llama_cpp.llama_synchronize(llm.ctx)
+    decode = n_decode / (time.perf_counter() - t)
+    return prefill, decode
