@@ -136,7 +136,7 @@ def machine_id() -> str:
     import psutil
 
     key = "|".join([platform.node(), _cpu_model(), str(psutil.virtual_memory().total // 2**30),
-                    ",".join(g.name for g in gpu_facts())])
+                    ",".join(g.name for g in _nvml_gpus())])
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -148,9 +148,10 @@ def profile_path() -> Path:
     return d / f"{machine_id()}-v{PROFILE_VERSION}.json"
 
 
-def load_profile(refresh: bool = False, progress=None) -> HardwareProfile:
+def load_profile(refresh: bool = False, progress=None, measure: bool = True) -> HardwareProfile:
     """This machine's profile: cached, or measured now (then cached) with refresh or on first
-    use. Memory *available* is re-read every time (it changes); speeds come from the cache."""
+    use. Memory *available* is re-read every time (it changes); speeds come from the cache.
+    With measure=False and no cache, the facts with nominal speeds (`facts_profile`)."""
     import psutil
 
     path = profile_path()
@@ -164,9 +165,29 @@ def load_profile(refresh: bool = False, progress=None) -> HardwareProfile:
                 )
         except Exception:  # a damaged cache file is re-measured, not fatal
             pass
+    if not measure and not refresh:
+        return facts_profile()
     profile = measure_profile(progress=progress)
     write_profile(profile, path)
     return profile
+
+
+NOMINAL_RAM_GBS = 20.0  # dual-channel DDR4 achieved; only used until the machine is measured
+
+
+def facts_profile() -> HardwareProfile:
+    """This machine's facts (cores, memory, GPUs) without measuring speeds: enough to choose a
+    placement by memory; `moechat profile` measures the speeds."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    cpu = cpu_facts()
+    return HardwareProfile(
+        cpu=cpu, ram=RamInfo(vm.total, vm.available), gpus=tuple(gpu_facts(use_torch=False)),
+        ram_read_gbs=NOMINAL_RAM_GBS, cpu_matvec_gbs={q: NOMINAL_RAM_GBS for q in MATVEC_QTYPES},
+        cpu_gflops=50.0, threads=cpu.usable_cores, gpu_offload=_llama_gpu_offload(),
+        machine=machine_id(), sources={"*": "nominal speeds: not measured yet (run `moechat profile`)"},
+    )
 
 
 # ---- measurement --------------------------------------------------------------------------
@@ -213,7 +234,7 @@ def measure_profile(threads: int | None = None, progress=None) -> HardwareProfil
 def cpu_facts() -> CpuInfo:
     import psutil
 
-    flags = set(_cpuinfo().get("flags", ()))
+    flags = _cpu_flags()
     try:
         usable = len(psutil.Process().cpu_affinity())
     except (AttributeError, OSError):  # macOS has no affinity
@@ -227,6 +248,18 @@ def cpu_facts() -> CpuInfo:
         isa=tuple(f for f in ISA_FLAGS if f in flags),
         llc_bytes=_llc_bytes(),
     )
+
+
+def _cpu_flags() -> set[str]:
+    """ISA flags: /proc/cpuinfo where there is one (instant), else py-cpuinfo (~1.5 s)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set(_cpuinfo().get("flags", ()))
 
 
 def _cpuinfo() -> dict:
@@ -246,7 +279,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("brand_raw") or platform.processor() or platform.machine()
 
 
 def _llc_bytes() -> int:
@@ -338,11 +371,11 @@ def _best_time(fn, seconds: float, min_runs: int = 3) -> float:
 # ---- GPUs ---------------------------------------------------------------------------------
 
 
-def gpu_facts() -> list[GpuInfo]:
+def gpu_facts(use_torch: bool = True) -> list[GpuInfo]:
     """GPUs from NVML (NVIDIA), else from torch (ROCm, MPS) when torch is installed and
-    already importable cheaply; an empty list without any."""
+    use_torch (importing torch takes seconds: one-shot commands skip it); [] without any."""
     gpus = _nvml_gpus()
-    if gpus:
+    if gpus or not use_torch:
         return gpus
     return _torch_gpus()
 

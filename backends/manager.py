@@ -106,14 +106,14 @@ def open_engine(
 
 
 def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
-    """The plan's choice on this machine's (cached) profile; None when planning is not possible
-    (then open_engine falls back to its simple rule). A model that fits nowhere is refused
+    """The plan's choice on this machine's cached profile (or, before `moechat profile` has run,
+    its facts with nominal speeds: a chat never waits for a benchmark). A model that fits nowhere is refused
     unless force."""
     from moechat.app.hardware_profile import load_profile
     from moechat.backends.planner import NoFitError, make_plan
 
     try:
-        return make_plan(card, load_profile(), n_ctx=n_ctx).choice
+        return make_plan(card, load_profile(measure=False), n_ctx=n_ctx).choice
     except NoFitError:
         if force:
             return None
