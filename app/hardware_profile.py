@@ -329,13 +329,9 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0) -> tuple[dict[str
         ggml = None
     if ggml is not None:
         target = max(MIN_MATVEC_BYTES, 4 * _llc_bytes())
-        rates = {}
-        for q in MATVEC_QTYPES:
-            block, block_bytes = _QUANT_SIZES[q]
-            n_rows = max(rows, -(-target // (cols // block * block_bytes)))  # >= 4x LLC of weights
-            rates[q] = ggml.quantized_matvec_bytes_per_s(q, n_rows, cols, threads, repeats=6) / 1e9
-        return rates, (f"measured: ggml mul_mat (batch 1) on {cols}-wide expert rows, >= {target >> 20} MiB "
-                       f"of weights per type, {threads} threads, best of 6")
+        rates = _ggml_matvec_gbs(ggml, target, cols, threads, seconds)
+        return rates, (f"measured: ggml mul_mat (batch 1) on {cols}-wide expert rows, {target >> 20} MiB "
+                       f"of weights per type, {threads} threads, best of N")
     import numpy as np
 
     rows, cols = MATVEC_SHAPE
@@ -346,6 +342,39 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0) -> tuple[dict[str
     rate = nbytes / _best_time(lambda: [m @ x for m in mats], seconds, min_runs=3) / 1e9
     source = "measured: float32 matvec (numpy BLAS) stand-in, same rate for every qtype (no ggml binding)"
     return {q: rate for q in MATVEC_QTYPES}, source
+
+
+def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float) -> dict[str, float]:
+    """One buffer of `target` random bytes, read as each type in turn. Every 16-bit word is
+    forced to a normal half float in [2^-11, 2): that makes F16 weights finite and, as every
+    block's scale fields sit at even offsets, every Q4_0/Q8_0/Q4_K scale valid too (random
+    scales would include NaN and denormals). Random, not constant, bytes: a hypervisor may
+    merge identical pages. (kernels/ggml's own rate helper draws bytes with rng.integers,
+    which takes seconds per type at this size.)"""
+    import numpy as np
+
+    buf = ggml.aligned_empty(target)
+    buf[:] = np.frombuffer(np.random.default_rng(0).bytes(target), np.uint8)
+    halves = buf.view(np.uint16)
+    halves &= 0x3FFF  # clear the sign and the top exponent bit: exponent <= 15
+    halves |= 0x1000  # set an exponent bit: exponent >= 4, a normal number
+    backend = ggml.CpuBackend(threads)
+    x = np.ones(cols, np.float32)
+    rates = {}
+    try:
+        for q in MATVEC_QTYPES:
+            block, block_bytes = _QUANT_SIZES[q]
+            row_bytes = cols // block * block_bytes
+            rows = target // row_bytes
+            weight = ggml.QuantWeight(buf[: rows * row_bytes], ggml.ggml_type_id(q), (cols, rows))
+            linear = ggml.QuantLinear(weight, backend)
+            try:
+                rates[q] = rows * row_bytes / _best_time(lambda: linear(x), seconds / len(MATVEC_QTYPES), 5) / 1e9
+            finally:
+                linear.close()
+    finally:
+        backend.close()
+    return rates
 
 
 def _parallel(fn, chunks):

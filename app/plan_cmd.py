@@ -1,9 +1,10 @@
 """`moechat plan MODEL`: every way to run MODEL here, predicted; the choice and why.
 
 `--measure` then runs each fitting candidate briefly and prints measured speeds next to the
-predicted ones. Before measuring it re-measures this machine's bandwidths, so that the
-prediction and the measurement see the same machine load (shared machines vary minute to
-minute); every candidate is measured in alternating rounds and the best round is kept.
+predicted ones. Machines shared with other work vary minute to minute, so it alternates:
+each round re-measures this machine's bandwidths (RAM read, CPU matvec) and then times every
+candidate; the best round of each is kept, and the predictions are recomputed from the
+best-of-rounds profile (which is also saved as this machine's profile).
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ def run(args) -> int:
         if not args.json:
             print(render_table(err.candidates, None))
         raise
-    measured = measure_candidates(card, plan, args) if args.measure else {}
+    measured = {}
+    if args.measure:
+        measured, profile = measure_candidates(card, plan, profile, args)
+        from moechat.app.hardware_profile import profile_path, write_profile
+
+        write_profile(profile, profile_path())
+        remeasured = make_plan(card, profile, n_ctx=args.ctx)
+        by_key = {_key(c): c for c in remeasured.candidates}
+        measured = {by_key[_key(c)]: m for c, m in measured.items() if _key(c) in by_key}
+        plan = remeasured
     if args.json:
         out = plan.to_dict()
         if measured:
@@ -109,33 +119,57 @@ def render_table(candidates, choice, measured=None) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def measure_candidates(card, plan, args) -> dict:
-    """{candidate: (prefill tok/s, decode tok/s)} for every fitting, available candidate, each
-    measured in `rounds` alternating rounds (engines stay loaded), best round kept."""
+def _key(c):
+    return (c.engine, c.placement, c.n_cpu_moe)
+
+
+def measure_candidates(card, plan, profile, args):
+    """Alternating rounds of (re-measure the machine's speeds, time every fitting, available
+    candidate); engines stay loaded between rounds. Returns ({candidate: (best prefill tok/s,
+    best decode tok/s)}, the profile with the best speeds seen)."""
+    import dataclasses
+
+    from moechat.app import hardware_profile as hp
     from moechat.backends.manager import engine_for_candidate
 
     chosen = [c for c in plan.candidates if c.fits and c.available]
     engines = {}
+    best_ram, best_matvec = 0.0, {}
     try:
         for c in chosen:
             print(f"loading {c.engine} · {_placement_text(c)}...", file=sys.stderr)
-            engines[c] = engine_for_candidate(card, c, n_ctx=512)
+            engines[c] = engine_for_candidate(card, c, n_ctx=512, threads=profile.threads)
         best = {c: (0.0, 0.0) for c in chosen}
         for r in range(max(1, args.rounds)):
+            ram = hp.measure_ram_read_gbs(profile.threads, profile.cpu.llc_bytes, seconds=1.0)
+            matvec, _ = hp.measure_cpu_matvec_gbs(profile.threads, seconds=1.0)
+            best_ram = max(best_ram, ram)
+            best_matvec = {q: max(best_matvec.get(q, 0.0), v) for q, v in matvec.items()}
+            print(f"round {r + 1}: RAM read {ram:.1f} GB/s, matvec "
+                  + ", ".join(f"{q} {v:.1f}" for q, v in matvec.items()), file=sys.stderr)
             for c in chosen:
                 prefill, decode = time_llama(engines[c].llm)
                 best[c] = (max(best[c][0], prefill), max(best[c][1], decode))
                 print(f"round {r + 1}: {_placement_text(c)}: prefill {prefill:.1f}, decode {decode:.1f} tok/s",
                       file=sys.stderr)
-        return best
     finally:
         for e in engines.values():
             e.close()
+    profile = dataclasses.replace(
+        profile, ram_read_gbs=round(best_ram, 2), cpu_matvec_gbs={q: round(v, 2) for q, v in best_matvec.items()},
+        sources={**profile.sources, "ram_read_gbs": "measured: best of `plan --measure` rounds",
+                 "cpu_matvec_gbs": "measured: ggml matvec, best of `plan --measure` rounds"})
+    return best, profile
 
 
 def time_llama(llm, n_prompt: int = MEASURE_PROMPT_TOKENS, n_decode: int = MEASURE_DECODE_TOKENS):
     """(prefill tok/s, decode tok/s) of one run: a prompt of n_prompt tokens in one batch, then
-    n_decode single-token steps, each synchronized (llama.cpp's own tg timing; notes/llamacpp.md)."""
+    n_decode single-token steps, each synchronized (llama.cpp's own tg timing; notes/llamacpp.md).
+
+    Decode is 1 / the best single-token time of the run, i.e. best-of-N over tokens, as the
+    profile's bandwidths are best-of-N over passes: on a machine shared with other work, one
+    descheduled thread stalls a whole token (llama.cpp synchronizes its threads after every
+    op), and the best token is the one the machine gave its full attention."""
     import time
 
     import llama_cpp
@@ -147,9 +181,10 @@ def time_llama(llm, n_prompt: int = MEASURE_PROMPT_TOKENS, n_decode: int = MEASU
     llm.eval(prompt)
     llama_cpp.llama_synchronize(llm.ctx)
     prefill = n_prompt / (time.perf_counter() - t)
-    t = time.perf_counter()
+    best = float("inf")
     for i in range(n_decode):
+        t = time.perf_counter()
         llm.eval([(2000 + 13 * i) % n_vocab])
         llama_cpp.llama_synchronize(llm.ctx)
-    decode = n_decode / (time.perf_counter() - t)
-    return prefill, decode
+        best = min(best, time.perf_counter() - t)
+    return prefill, 1.0 / best
