@@ -330,7 +330,7 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0) -> tuple[dict[str
     if ggml is not None:
         target = max(MIN_MATVEC_BYTES, 4 * _llc_bytes())
         rates = _ggml_matvec_gbs(ggml, target, cols, threads, seconds)
-        return rates, (f"measured: ggml mul_mat (batch 1) on {cols}-wide expert rows, {target >> 20} MiB "
+        return rates, (f"measured: ggml mul_mat (batch 1, llama.cpp's CPU repack layout) on {cols}-wide rows, {target >> 20} MiB "
                        f"of weights per type, {threads} threads, best of N")
     import numpy as np
 
@@ -353,6 +353,8 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float)
     which takes seconds per type at this size.)"""
     import numpy as np
 
+    from moechat.app import ggml_repack
+
     buf = ggml.aligned_empty(target)
     buf[:] = np.frombuffer(np.random.default_rng(0).bytes(target), np.uint8)
     halves = buf.view(np.uint16)
@@ -365,9 +367,12 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float)
         for q in MATVEC_QTYPES:
             block, block_bytes = _QUANT_SIZES[q]
             row_bytes = cols // block * block_bytes
-            rows = target // row_bytes
-            weight = ggml.QuantWeight(buf[: rows * row_bytes], ggml.ggml_type_id(q), (cols, rows))
-            linear = ggml.QuantLinear(weight, backend)
+            rows = target // row_bytes // ggml_repack.ROW_MULTIPLE * ggml_repack.ROW_MULTIPLE
+            data = buf[: rows * row_bytes]
+            if ggml_repack.available(q, rows):  # the layout llama.cpp loads CPU weights into
+                linear = ggml_repack.repacked_matvec(ggml, backend, data, ggml.ggml_type_id(q), cols, rows)
+            else:
+                linear = ggml.QuantLinear(ggml.QuantWeight(data, ggml.ggml_type_id(q), (cols, rows)), backend)
             try:
                 rates[q] = rows * row_bytes / _best_time(lambda: linear(x), seconds / len(MATVEC_QTYPES), 5) / 1e9
             finally:
