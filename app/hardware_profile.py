@@ -298,14 +298,14 @@ def _stream_bytes(llc_bytes: int) -> int:
     return max(MIN_STREAM_BYTES, 4 * llc_bytes)
 
 
-def measure_ram_read_gbs(threads: int, llc_bytes: int, seconds: float = 2.0) -> float:
+def measure_ram_read_gbs(threads: int, llc_bytes: int, seconds: float = 2.0, statistic: str = "best") -> float:
     """Read bandwidth: `threads` workers each reduce (max) their own chunk of one array of
     >= 4x LLC; numpy releases the GIL inside the reduction. Best of N passes."""
     import numpy as np
 
     a = np.ones(_stream_bytes(llc_bytes) // 4, np.float32)
     chunks = np.array_split(a, threads)
-    return a.nbytes / _best_time(lambda: _parallel(np.max, chunks), seconds, min_runs=5) / 1e9
+    return a.nbytes / _best_time(lambda: _parallel(np.max, chunks), seconds, 5, statistic) / 1e9
 
 
 def measure_cpu_gflops(threads: int, seconds: float = 1.0) -> float:
@@ -317,7 +317,7 @@ def measure_cpu_gflops(threads: int, seconds: float = 1.0) -> float:
     return 2 * m * k * n / _best_time(lambda: x @ w, seconds, min_runs=3) / 1e9
 
 
-def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0) -> tuple[dict[str, float], str]:
+def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0, statistic: str = "best") -> tuple[dict[str, float], str]:
     """Weight GB/s of a batch-1 matvec on expert-sized matrices (several, so that together they
     exceed the cache). ggml's own kernels on quantized bytes when the binding is available."""
     rows, cols = MATVEC_SHAPE
@@ -329,7 +329,7 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0) -> tuple[dict[str
         ggml = None
     if ggml is not None:
         target = max(MIN_MATVEC_BYTES, 4 * _llc_bytes())
-        rates = _ggml_matvec_gbs(ggml, target, cols, threads, seconds)
+        rates = _ggml_matvec_gbs(ggml, target, cols, threads, seconds, statistic)
         return rates, (f"measured: ggml mul_mat (batch 1, llama.cpp's CPU repack layout) on {cols}-wide rows, {target >> 20} MiB "
                        f"of weights per type, {threads} threads, best of N")
     import numpy as np
@@ -344,7 +344,7 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0) -> tuple[dict[str
     return {q: rate for q in MATVEC_QTYPES}, source
 
 
-def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float) -> dict[str, float]:
+def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float, statistic: str = "best") -> dict[str, float]:
     """One buffer of `target` random bytes, read as each type in turn. Every 16-bit word is
     forced to a normal half float in [2^-11, 2): that makes F16 weights finite and, as every
     block's scale fields sit at even offsets, every Q4_0/Q8_0/Q4_K scale valid too (random
@@ -374,7 +374,7 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float)
             else:
                 linear = ggml.QuantLinear(ggml.QuantWeight(data, ggml.ggml_type_id(q), (cols, rows)), backend)
             try:
-                rates[q] = rows * row_bytes / _best_time(lambda: linear(x), seconds / len(MATVEC_QTYPES), 5) / 1e9
+                rates[q] = rows * row_bytes / _best_time(lambda: linear(x), seconds / len(MATVEC_QTYPES), 5, statistic) / 1e9
             finally:
                 linear.close()
     finally:
@@ -389,7 +389,9 @@ def _parallel(fn, chunks):
         return list(pool.map(fn, chunks))
 
 
-def _best_time(fn, seconds: float, min_runs: int = 3) -> float:
+def _best_time(fn, seconds: float, min_runs: int = 3, statistic: str = "best") -> float:
+    """Seconds per call of fn: the best call ("best", STREAM's rule) or the mean ("mean":
+    throughput under whatever else the machine is doing, as a long decode sees it)."""
     fn()  # warm-up: page faults, thread start
     best, start, runs = float("inf"), time.perf_counter(), 0
     while runs < min_runs or time.perf_counter() - start < seconds:
@@ -397,9 +399,9 @@ def _best_time(fn, seconds: float, min_runs: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
         runs += 1
-        if runs >= 50:
+        if runs >= 50 and statistic == "best":
             break
-    return best
+    return best if statistic == "best" else (time.perf_counter() - start) / runs
 
 
 # ---- GPUs ---------------------------------------------------------------------------------

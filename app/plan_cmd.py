@@ -3,8 +3,10 @@
 `--measure` then runs each fitting candidate briefly and prints measured speeds next to the
 predicted ones. Machines shared with other work vary minute to minute, so it alternates:
 each round re-measures this machine's bandwidths (RAM read, CPU matvec) and then times every
-candidate; the best round of each is kept, and the predictions are recomputed from the
-best-of-rounds profile (which is also saved as this machine's profile).
+candidate, and the predictions are recomputed from the re-measured profile. `--statistic`
+says how rounds are summarised: "mean" (default) = throughput over all rounds on both sides,
+which stays consistent when other work takes CPU time; "best" = best round/pass/token on
+both sides (STREAM's rule; right on a quiet machine).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--measure", action="store_true",
                         help="run each fitting candidate briefly here and show predicted vs measured")
     parser.add_argument("--rounds", type=int, default=MEASURE_ROUNDS, help="measurement rounds (best kept)")
+    parser.add_argument("--statistic", choices=("mean", "best"), default="mean",
+                        help="with --measure: summarise rounds by throughput (mean) or best run")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="with --measure: CPU threads for the engines and the re-measured bandwidths "
+                             "(default: the profile's)")
 
 
 def run(args) -> int:
@@ -36,6 +43,8 @@ def run(args) -> int:
 
     if args.ctx is not None and args.ctx <= 0:
         raise MoechatError("--ctx must be a positive number of tokens")
+    if args.threads is not None and (args.threads <= 0 or not args.measure):
+        raise MoechatError("--threads takes a positive number and goes with --measure")
     if args.measure and args.profile:
         raise MoechatError("--measure runs here; it cannot be combined with --profile")
     card = resolve_card(args.model, allow_remote=True)
@@ -52,10 +61,16 @@ def run(args) -> int:
         raise
     measured = {}
     if args.measure:
-        measured, profile = measure_candidates(card, plan, profile, args)
+        import dataclasses
+
         from moechat.app.hardware_profile import profile_path, write_profile
 
-        write_profile(profile, profile_path())
+        threads_changed = args.threads and args.threads != profile.threads
+        if threads_changed:
+            profile = dataclasses.replace(profile, threads=args.threads)
+        measured, profile = measure_candidates(card, plan, profile, args)
+        if not threads_changed:  # a profile for another thread count is not this machine's default
+            write_profile(profile, profile_path())
         remeasured = make_plan(card, profile, n_ctx=args.ctx)
         by_key = {_key(c): c for c in remeasured.candidates}
         measured = {by_key[_key(c)]: m for c, m in measured.items() if _key(c) in by_key}
@@ -133,43 +148,48 @@ def measure_candidates(card, plan, profile, args):
     from moechat.backends.manager import engine_for_candidate
 
     chosen = [c for c in plan.candidates if c.fits and c.available]
+    statistic = getattr(args, "statistic", "mean")
+    keep = max if statistic == "best" else (lambda a, b: a + b)  # best, or sums for the mean
     engines = {}
-    best_ram, best_matvec = 0.0, {}
+    ram_sum, matvec_sum = 0.0, {}
     try:
         for c in chosen:
             print(f"loading {c.engine} · {_placement_text(c)}...", file=sys.stderr)
             engines[c] = engine_for_candidate(card, c, n_ctx=512, threads=profile.threads)
-        best = {c: (0.0, 0.0) for c in chosen}
-        for r in range(max(1, args.rounds)):
-            ram = hp.measure_ram_read_gbs(profile.threads, profile.cpu.llc_bytes, seconds=1.0)
-            matvec, _ = hp.measure_cpu_matvec_gbs(profile.threads, seconds=1.0)
-            best_ram = max(best_ram, ram)
-            best_matvec = {q: max(best_matvec.get(q, 0.0), v) for q, v in matvec.items()}
+        runs = {c: (0.0, 0.0) for c in chosen}
+        rounds = max(1, args.rounds)
+        for r in range(rounds):
+            ram = hp.measure_ram_read_gbs(profile.threads, profile.cpu.llc_bytes, 1.0, statistic)
+            matvec, _ = hp.measure_cpu_matvec_gbs(profile.threads, 1.0, statistic)
+            ram_sum = keep(ram_sum, ram)
+            matvec_sum = {q: keep(matvec_sum.get(q, 0.0), v) for q, v in matvec.items()}
             print(f"round {r + 1}: RAM read {ram:.1f} GB/s, matvec "
                   + ", ".join(f"{q} {v:.1f}" for q, v in matvec.items()), file=sys.stderr)
             for c in chosen:
-                prefill, decode = time_llama(engines[c].llm)
-                best[c] = (max(best[c][0], prefill), max(best[c][1], decode))
+                prefill, decode = time_llama(engines[c].llm, statistic=statistic)
+                runs[c] = (keep(runs[c][0], prefill), keep(runs[c][1], decode))
                 print(f"round {r + 1}: {_placement_text(c)}: prefill {prefill:.1f}, decode {decode:.1f} tok/s",
                       file=sys.stderr)
     finally:
         for e in engines.values():
             e.close()
+    n = 1 if statistic == "best" else rounds
+    # mean of per-round rates; each round's rate is itself a throughput over >= 1 s of work
+    measured = {c: (p / n, d / n) for c, (p, d) in runs.items()}
     profile = dataclasses.replace(
-        profile, ram_read_gbs=round(best_ram, 2), cpu_matvec_gbs={q: round(v, 2) for q, v in best_matvec.items()},
-        sources={**profile.sources, "ram_read_gbs": "measured: best of `plan --measure` rounds",
-                 "cpu_matvec_gbs": "measured: ggml matvec, best of `plan --measure` rounds"})
-    return best, profile
+        profile, ram_read_gbs=round(ram_sum / n, 2), cpu_matvec_gbs={q: round(v / n, 2) for q, v in matvec_sum.items()},
+        sources={**profile.sources, "ram_read_gbs": f"measured: {statistic} of `plan --measure` rounds",
+                 "cpu_matvec_gbs": f"measured: ggml matvec, {statistic} of `plan --measure` rounds"})
+    return measured, profile
 
 
-def time_llama(llm, n_prompt: int = MEASURE_PROMPT_TOKENS, n_decode: int = MEASURE_DECODE_TOKENS):
+def time_llama(llm, n_prompt: int = MEASURE_PROMPT_TOKENS, n_decode: int = MEASURE_DECODE_TOKENS,
+               statistic: str = "mean"):
     """(prefill tok/s, decode tok/s) of one run: a prompt of n_prompt tokens in one batch, then
     n_decode single-token steps, each synchronized (llama.cpp's own tg timing; notes/llamacpp.md).
 
-    Decode is 1 / the best single-token time of the run, i.e. best-of-N over tokens, as the
-    profile's bandwidths are best-of-N over passes: on a machine shared with other work, one
-    descheduled thread stalls a whole token (llama.cpp synchronizes its threads after every
-    op), and the best token is the one the machine gave its full attention."""
+    Decode is n_decode / total time ("mean") or 1 / the best single-token time ("best":
+    best-of-N over tokens, as STREAM takes the best pass)."""
     import time
 
     import llama_cpp
@@ -181,10 +201,11 @@ def time_llama(llm, n_prompt: int = MEASURE_PROMPT_TOKENS, n_decode: int = MEASU
     llm.eval(prompt)
     llama_cpp.llama_synchronize(llm.ctx)
     prefill = n_prompt / (time.perf_counter() - t)
-    best = float("inf")
+    best, start = float("inf"), time.perf_counter()
     for i in range(n_decode):
         t = time.perf_counter()
         llm.eval([(2000 + 13 * i) % n_vocab])
         llama_cpp.llama_synchronize(llm.ctx)
         best = min(best, time.perf_counter() - t)
-    return prefill, 1.0 / best
+    total = time.perf_counter() - start
+    return prefill, (1.0 / best if statistic == "best" else n_decode / total)

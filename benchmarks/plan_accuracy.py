@@ -41,17 +41,24 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--statistic", choices=("mean", "best"), default="mean")
+    parser.add_argument("--threads", type=int, help="threads for llama.cpp and the bandwidths (default: profile's)")
     parser.add_argument("--models", default="demo,mixtral-8x7b:4:Q4_0,qwen3-30b-a3b:4:Q4_0")
     args = parser.parse_args()
     profile = load_profile()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {profile.cpu.model}, {profile.threads} threads")
+    if args.threads:
+        import dataclasses
+
+        profile = dataclasses.replace(profile, threads=args.threads)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {profile.cpu.model}, {profile.threads} threads, "
+          f"{args.rounds} rounds, statistic {args.statistic}")
     header = (f"{'model':<34} {'placement':<10} {'pred tok/s':>10} {'meas tok/s':>10} {'error':>7} "
               f"{'weights ms':>10} {'overh ms':>8} {'meas ms':>8}  RAM GB/s  matvec GB/s")
     lines = [header]
     for spec in args.models.split(","):
         card = read_model_card(model_path(spec))
         plan = make_plan(card, profile)
-        measured, best_profile = measure_candidates(card, plan, profile, SimpleNamespace(rounds=args.rounds))
+        measured, best_profile = measure_candidates(card, plan, profile, SimpleNamespace(rounds=args.rounds, statistic=args.statistic))
         for cand, (_, decode) in measured.items():
             p = cm.predict(card, best_profile, placement_of(cand))
             weights = sum(v for k, v in p.decode_terms.items() if k != "overheads")
