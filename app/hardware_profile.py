@@ -77,6 +77,7 @@ class HardwareProfile:
     cpu_matvec_gbs: dict[str, float]  # qtype -> weight bytes/s of a batch-1 matvec, in GB/s
     cpu_gflops: float
     threads: int  # threads the measurements (and llama.cpp by default) used
+    cpu_op_s: float = 2e-6  # ggml's cost per graph op at `threads` (dispatch + barrier), seconds
     gpu_offload: bool = False  # whether this llama.cpp build can use the GPUs
     machine: str = ""  # hostname-derived id (measured) or a description (data profiles)
     measured_at: str = ""  # ISO date
@@ -208,6 +209,9 @@ def measure_profile(threads: int | None = None, progress=None) -> HardwareProfil
     say("CPU matrix-vector rate")
     matvec, source = measure_cpu_matvec_gbs(threads)
     sources["cpu_matvec_gbs"] = source
+    say("CPU per-op overhead")
+    op_s = measure_cpu_op_s(threads)
+    sources["cpu_op_s"] = f"measured: a ggml graph of 64 tiny dependent ops, {threads} threads, mean time per op"
     say("CPU matmul rate")
     gflops = measure_cpu_gflops(threads)
     sources["cpu_gflops"] = "measured: float32 matmul 512x4096x4096 (numpy BLAS), best of N"
@@ -224,6 +228,7 @@ def measure_profile(threads: int | None = None, progress=None) -> HardwareProfil
         cpu_matvec_gbs={k: round(v, 2) for k, v in matvec.items()},
         cpu_gflops=round(gflops, 1),
         threads=threads,
+        cpu_op_s=op_s,
         gpu_offload=_llama_gpu_offload(),
         machine=machine_id(),
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -344,6 +349,27 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0, statistic: str = 
     return {q: rate for q in MATVEC_QTYPES}, source
 
 
+def measure_cpu_op_s(threads: int, seconds: float = 0.5) -> float:
+    """Mean seconds per op of a ggml graph of tiny ops at `threads`: the dispatch and thread
+    barrier every op of a decode step pays (mean, not best: on a loaded machine a barrier
+    waits for a descheduled thread, and decode pays that too). 2 us if ggml is unavailable."""
+    try:
+        from moechat.app import ggml_probe
+        from moechat.kernels import ggml
+
+        ggml.lib()
+    except Exception:  # no llama-cpp-python / ggml symbols
+        return 2e-6
+    n_ops = 64
+    backend = ggml.CpuBackend(threads)
+    chain = ggml_probe.op_chain(ggml, backend, n_ops)
+    try:
+        return _best_time(chain, seconds, 5, "mean") / n_ops
+    finally:
+        chain.close()
+        backend.close()
+
+
 def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float, statistic: str = "best") -> dict[str, float]:
     """One buffer of `target` random bytes, read as each type in turn. Every 16-bit word is
     forced to a normal half float in [2^-11, 2): that makes F16 weights finite and, as every
@@ -353,7 +379,7 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float,
     which takes seconds per type at this size.)"""
     import numpy as np
 
-    from moechat.app import ggml_repack
+    from moechat.app import ggml_probe
 
     buf = ggml.aligned_empty(target)
     buf[:] = np.frombuffer(np.random.default_rng(0).bytes(target), np.uint8)
@@ -367,10 +393,10 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float,
         for q in MATVEC_QTYPES:
             block, block_bytes = _QUANT_SIZES[q]
             row_bytes = cols // block * block_bytes
-            rows = target // row_bytes // ggml_repack.ROW_MULTIPLE * ggml_repack.ROW_MULTIPLE
+            rows = target // row_bytes // ggml_probe.ROW_MULTIPLE * ggml_probe.ROW_MULTIPLE
             data = buf[: rows * row_bytes]
-            if ggml_repack.available(q, rows):  # the layout llama.cpp loads CPU weights into
-                linear = ggml_repack.repacked_matvec(ggml, backend, data, ggml.ggml_type_id(q), cols, rows)
+            if ggml_probe.available(q, rows):  # the layout llama.cpp loads CPU weights into
+                linear = ggml_probe.repacked_matvec(ggml, backend, data, ggml.ggml_type_id(q), cols, rows)
             else:
                 linear = ggml.QuantLinear(ggml.QuantWeight(data, ggml.ggml_type_id(q), (cols, rows)), backend)
             try:

@@ -151,7 +151,7 @@ def measure_candidates(card, plan, profile, args):
     statistic = getattr(args, "statistic", "mean")
     keep = max if statistic == "best" else (lambda a, b: a + b)  # best, or sums for the mean
     engines = {}
-    ram_sum, matvec_sum = 0.0, {}
+    ram_sum, op_sum, matvec_sum = 0.0, 0.0, {}
     try:
         for c in chosen:
             print(f"loading {c.engine} · {_placement_text(c)}...", file=sys.stderr)
@@ -161,9 +161,10 @@ def measure_candidates(card, plan, profile, args):
         for r in range(rounds):
             ram = hp.measure_ram_read_gbs(profile.threads, profile.cpu.llc_bytes, 1.0, statistic)
             matvec, _ = hp.measure_cpu_matvec_gbs(profile.threads, 1.0, statistic)
-            ram_sum = keep(ram_sum, ram)
+            op_s = hp.measure_cpu_op_s(profile.threads)
+            ram_sum, op_sum = keep(ram_sum, ram), (min(op_sum or op_s, op_s) if statistic == "best" else op_sum + op_s)
             matvec_sum = {q: keep(matvec_sum.get(q, 0.0), v) for q, v in matvec.items()}
-            print(f"round {r + 1}: RAM read {ram:.1f} GB/s, matvec "
+            print(f"round {r + 1}: RAM read {ram:.1f} GB/s, ggml op {op_s * 1e6:.1f} us, matvec "
                   + ", ".join(f"{q} {v:.1f}" for q, v in matvec.items()), file=sys.stderr)
             for c in chosen:
                 prefill, decode = time_llama(engines[c].llm, statistic=statistic)
@@ -177,7 +178,7 @@ def measure_candidates(card, plan, profile, args):
     # mean of per-round rates; each round's rate is itself a throughput over >= 1 s of work
     measured = {c: (p / n, d / n) for c, (p, d) in runs.items()}
     profile = dataclasses.replace(
-        profile, ram_read_gbs=round(ram_sum / n, 2), cpu_matvec_gbs={q: round(v / n, 2) for q, v in matvec_sum.items()},
+        profile, ram_read_gbs=round(ram_sum / n, 2), cpu_op_s=op_sum / n, cpu_matvec_gbs={q: round(v / n, 2) for q, v in matvec_sum.items()},
         sources={**profile.sources, "ram_read_gbs": f"measured: {statistic} of `plan --measure` rounds",
                  "cpu_matvec_gbs": f"measured: ggml matvec, {statistic} of `plan --measure` rounds"})
     return measured, profile

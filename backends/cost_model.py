@@ -26,8 +26,10 @@ VRAM_RESERVE_BYTES = 400 * MIB  # CUDA context + fragmentation headroom per GPU
 RAM_HEADROOM = 0.90  # plan to use at most 90% of the RAM available now
 UNIFIED_GPU_FRACTION = 0.75  # Metal's default working-set cap on unified memory
 N_UBATCH = 512  # llama.cpp micro-batch (prefill chunk)
-CPU_TOKEN_OVERHEAD_S = 0.6e-3  # graph build, sampling, logits copy, Python loop (fitted here)
-CPU_LAYER_OVERHEAD_S = 90e-6  # ~25 ops x thread barrier per layer on 2 threads (fitted here)
+CPU_TOKEN_OVERHEAD_S = 0.6e-3  # graph build, logits copy, Python eval loop (fitted here)
+OPS_PER_LAYER = 30  # compute nodes of one llama.cpp MoE layer (norms, q/k/v/o, rope, attention, router, experts)
+OPS_PER_TOKEN = 8  # outside the layers: embedding lookup, output norm and projection
+EXPERT_OPS_PER_LAYER = 10  # the expert part of a layer (router, top-k, 3 mul_mat_id, glu, weighting, sum)
 GPU_TOKEN_OVERHEAD_S = 1.0e-3  # graph build + launch + logits copy (estimate, GPU rows open)
 GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer (estimate)
 HANDOFF_S = 30e-6  # one GPU<->CPU activation hand-off (PCIe latency + sync), estimate
@@ -256,7 +258,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
         else:
             add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
     add("KV cache", kv_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
-    _add_overheads(card, placement, add)
+    _add_overheads(card, profile, placement, add)
     decode_s = sum(terms.values())
     return Prediction(
         prefill_tok_s=1.0 / prefill_seconds_per_token(card, profile, placement, routing),
@@ -267,18 +269,23 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
     )
 
 
-def _add_overheads(card, placement: Placement, add) -> None:
+def cpu_layer_overhead_s(profile) -> float:
+    """Per-layer CPU overhead: ops per layer x the profile's measured cost per ggml op."""
+    return OPS_PER_LAYER * profile.cpu_op_s
+
+
+def _add_overheads(card, profile, placement: Placement, add) -> None:
     L, kind = card.n_layers, placement.kind
     if kind == "cpu":
-        add("overheads", CPU_TOKEN_OVERHEAD_S + L * CPU_LAYER_OVERHEAD_S)
+        add("overheads", CPU_TOKEN_OVERHEAD_S + OPS_PER_TOKEN * profile.cpu_op_s + L * cpu_layer_overhead_s(profile))
         return
     add("overheads", GPU_TOKEN_OVERHEAD_S + L * GPU_LAYER_OVERHEAD_S)
     if kind == "moe":  # each CPU-expert layer: CPU ops + two activation hand-offs
         n = min(placement.n, len(card.expert_layers))
-        add("overheads", n * (CPU_LAYER_OVERHEAD_S / 2 + 2 * HANDOFF_S))
+        add("overheads", n * (EXPERT_OPS_PER_LAYER * profile.cpu_op_s + 2 * HANDOFF_S))
     elif kind == "layers":
         cpu_layers = max(0, L - placement.n)
-        add("overheads", cpu_layers * CPU_LAYER_OVERHEAD_S + (HANDOFF_S if 0 < cpu_layers < L else 0))
+        add("overheads", cpu_layers * cpu_layer_overhead_s(profile) + (HANDOFF_S if 0 < cpu_layers < L else 0))
     elif kind in ("fiddler", "hobbit"):
         add("overheads", L * (TORCH_LAYER_OVERHEAD_S + (2 * HANDOFF_S if kind == "fiddler" else 0)))
 

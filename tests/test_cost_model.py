@@ -33,10 +33,21 @@ def test_cpu_decode_is_bytes_over_measured_rate_plus_overheads(laptop):
     q4 = sum(cm.read_bytes_per_token(card, t) for t in card.tensors if t.type_name == "Q4_0")
     f32 = sum(cm.read_bytes_per_token(card, t) for t in card.tensors if t.type_name == "F32")
     expected = (q4 / (laptop.cpu_matvec_gbs["Q4_0"] * 1e9) + f32 / (laptop.cpu_matvec_gbs["F16"] * 1e9)
-                + cm.CPU_TOKEN_OVERHEAD_S + card.n_layers * cm.CPU_LAYER_OVERHEAD_S)
+                + cm.CPU_TOKEN_OVERHEAD_S + (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER) * laptop.cpu_op_s)
     assert 1 / p.decode_tok_s == pytest.approx(expected, rel=1e-3)
     assert p.vram_bytes == 0
     assert p.ram_bytes > card.tensor_bytes
+
+
+def test_measured_op_cost_scales_the_overheads(laptop):
+    import dataclasses
+
+    card = geometry_card("olmoe-1b-7b", qtype="Q4_0")
+    quiet = cm.predict(card, laptop, cm.Placement("cpu"))
+    busy = cm.predict(card, dataclasses.replace(laptop, cpu_op_s=laptop.cpu_op_s * 10), cm.Placement("cpu"))
+    extra = busy.decode_terms["overheads"] - quiet.decode_terms["overheads"]
+    assert extra == pytest.approx(9 * laptop.cpu_op_s * (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER))
+    assert busy.decode_terms["weights in RAM (CPU)"] == quiet.decode_terms["weights in RAM (CPU)"]
 
 
 def test_experts_read_at_top_k_over_e(laptop):
