@@ -211,7 +211,7 @@ def measure_profile(threads: int | None = None, progress=None) -> HardwareProfil
     sources["cpu_matvec_gbs"] = source
     say("CPU per-op overhead")
     op_s = measure_cpu_op_s(threads)
-    sources["cpu_op_s"] = f"measured: a ggml graph of 64 tiny dependent ops, {threads} threads, mean time per op"
+    sources["cpu_op_s"] = f"measured: a ggml graph of 64 tiny dependent ops, {threads} threads, best time per op"
     say("CPU matmul rate")
     gflops = measure_cpu_gflops(threads)
     sources["cpu_gflops"] = "measured: float32 matmul 512x4096x4096 (numpy BLAS), best of N"
@@ -350,9 +350,12 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0, statistic: str = 
 
 
 def measure_cpu_op_s(threads: int, seconds: float = 0.5) -> float:
-    """Mean seconds per op of a ggml graph of tiny ops at `threads`: the dispatch and thread
-    barrier every op of a decode step pays (mean, not best: on a loaded machine a barrier
-    waits for a descheduled thread, and decode pays that too). 2 us if ggml is unavailable."""
+    """Seconds per op of a ggml graph of tiny ops at `threads` (best pass): the dispatch and
+    thread barrier every op of a decode step pays. Best, not mean: on a loaded machine a
+    barrier in this tight chain waits a whole time slice for a descheduled thread, far more
+    often than llama.cpp's ops (which have work to overlap) do, so the mean overstates the
+    cost (measured: 1.5 ms/op vs ~40 us/token-op in llama.cpp at load 7 on 2 cores).
+    2 us if ggml is unavailable."""
     try:
         from moechat.app import ggml_probe
         from moechat.kernels import ggml
@@ -364,7 +367,7 @@ def measure_cpu_op_s(threads: int, seconds: float = 0.5) -> float:
     backend = ggml.CpuBackend(threads)
     chain = ggml_probe.op_chain(ggml, backend, n_ops)
     try:
-        return _best_time(chain, seconds, 5, "mean") / n_ops
+        return _best_time(chain, seconds, 5, "best") / n_ops
     finally:
         chain.close()
         backend.close()

@@ -162,7 +162,7 @@ def measure_candidates(card, plan, profile, args):
             ram = hp.measure_ram_read_gbs(profile.threads, profile.cpu.llc_bytes, 1.0, statistic)
             matvec, _ = hp.measure_cpu_matvec_gbs(profile.threads, 1.0, statistic)
             op_s = hp.measure_cpu_op_s(profile.threads)
-            ram_sum, op_sum = keep(ram_sum, ram), (min(op_sum or op_s, op_s) if statistic == "best" else op_sum + op_s)
+            ram_sum, op_sum = keep(ram_sum, ram), min(op_sum or op_s, op_s)  # per-op cost: best round
             matvec_sum = {q: keep(matvec_sum.get(q, 0.0), v) for q, v in matvec.items()}
             print(f"round {r + 1}: RAM read {ram:.1f} GB/s, ggml op {op_s * 1e6:.1f} us, matvec "
                   + ", ".join(f"{q} {v:.1f}" for q, v in matvec.items()), file=sys.stderr)
@@ -178,7 +178,7 @@ def measure_candidates(card, plan, profile, args):
     # mean of per-round rates; each round's rate is itself a throughput over >= 1 s of work
     measured = {c: (p / n, d / n) for c, (p, d) in runs.items()}
     profile = dataclasses.replace(
-        profile, ram_read_gbs=round(ram_sum / n, 2), cpu_op_s=op_sum / n, cpu_matvec_gbs={q: round(v / n, 2) for q, v in matvec_sum.items()},
+        profile, ram_read_gbs=round(ram_sum / n, 2), cpu_op_s=op_sum, cpu_matvec_gbs={q: round(v / n, 2) for q, v in matvec_sum.items()},
         sources={**profile.sources, "ram_read_gbs": f"measured: {statistic} of `plan --measure` rounds",
                  "cpu_matvec_gbs": f"measured: ggml matvec, {statistic} of `plan --measure` rounds"})
     return measured, profile
