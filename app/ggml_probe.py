@@ -27,6 +27,13 @@ def _repack_lib():
     from moechat.kernels import ggml
 
     lib = ggml.lib()
+    try:  # ggml logs every repack at debug level; llama-cpp-python's logger prints all levels
+        from llama_cpp import _logger  # until a Llama(verbose=...) sets its level
+
+        if _logger.logger.level == 0:
+            _logger.set_verbose(False)
+    except (ImportError, AttributeError):
+        pass
     # C++ symbol (ggml-cpu/repack.h), exported mangled: ggml_backend_cpu_repack_buffer_type()
     fn = getattr(lib, "_Z35ggml_backend_cpu_repack_buffer_typev")
     fn.restype, fn.argtypes = _p, []

@@ -38,8 +38,8 @@ def test_ram_read_measures_bytes_over_time(monkeypatch):
     calls = []
     real = hp._best_time
 
-    def spy(fn, seconds, min_runs=3):
-        t = real(fn, seconds, min_runs)
+    def spy(fn, seconds, *args):
+        t = real(fn, seconds, *args)
         calls.append(t)
         return t
 
@@ -57,6 +57,32 @@ def test_ggml_matvec_rate_covers_every_type(monkeypatch):
     assert set(rates) == set(hp.MATVEC_QTYPES)
     assert all(r > 0 for r in rates.values())
     assert "ggml" in source
+
+
+def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():
+    import numpy as np
+
+    from moechat.app import ggml_probe
+    from moechat.kernels import ggml
+
+    backend = ggml.CpuBackend(2)
+    x = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+    try:
+        for qtype in ("Q4_0", "Q4_K"):
+            w, dense = ggml.random_quant_weight(qtype, 64, 512)
+            if not ggml_probe.available(qtype, 64):
+                pytest.skip("this CPU/build does not repack")
+            matvec = ggml_probe.repacked_matvec(ggml, backend, w.data, w.ggml_type, 512, 64)
+            try:
+                y, ref = matvec(x), dense @ x
+            finally:
+                matvec.close()
+            # ggml quantizes x to Q8 before the dot product (~1e-2 relative), as llama.cpp does
+            assert np.abs(y - ref).max() < 2e-2 * np.abs(ref).max()
+        assert not ggml_probe.available("Q8_0", 64) and not ggml_probe.available("Q4_0", 60)
+    finally:
+        backend.close()
+    assert 0 < hp.measure_cpu_op_s(1, seconds=0.05) < 0.1
 
 
 def test_profile_is_cached_and_reused(cache, monkeypatch):
