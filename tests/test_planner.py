@@ -152,3 +152,20 @@ def test_open_engine_auto_follows_the_plan_and_flags_override(demo_model, monkey
         assert len(seen) == 1 and engine.placement_spec.kind == "moe" and engine.placement_spec.n_cpu_moe == 2
     finally:
         engine.close()
+
+
+def test_bench_json_and_record(demo_model, tmp_path):
+    record = tmp_path / "benchmarks.md"
+    r = _moechat("bench", str(demo_model), "--tokens", "4", "--prompt-tokens", "8", "--rounds", "1",
+                 "--threads", "1", "--json", "--record", str(record))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_ram_bytes", "peak_vram_bytes",
+                "roofline_fraction", "achieved_gbs"):
+        assert key in out
+    assert out["decode_tok_s"] > 0 and out["peak_ram_bytes"] > 0
+    assert out["achieved_gbs"] == pytest.approx(out["decode_tok_s"] * out["active_bytes_per_token"] / 1e9, rel=0.01)
+    text = record.read_text()
+    assert "## moechat bench rows" in text and text.count("\n| 20") == 1 and "moechat bench" in text
+    r = _moechat("bench", str(demo_model), "--tokens", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
