@@ -103,7 +103,8 @@ def _machine(profile) -> str:
 
 def _placement_text(c) -> str:
     if c.placement == "moe":
-        return f"experts of {c.n_cpu_moe} layers in RAM (--n-cpu-moe {c.n_cpu_moe})"
+        layers = "layer" if c.n_cpu_moe == 1 else "layers"
+        return f"experts of {c.n_cpu_moe} {layers} in RAM (--n-cpu-moe {c.n_cpu_moe})"
     return {"cpu": "CPU only", "gpu": "all on GPU"}.get(c.placement, c.placement)
 
 

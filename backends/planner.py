@@ -194,7 +194,7 @@ def _reason(card, profile, choice: Candidate, candidates) -> str:
         n, layers = choice.n_cpu_moe, len(card.expert_layers) or card.n_layers
         return (f"{_gib(card.tensor_bytes)} of weights do not fit in {_gib(cm.gpu_capacity_bytes(profile))} "
                 f"of VRAM: attention and the experts of {layers - n} layers on the GPU, the experts of "
-                f"the first {n} layers in RAM (the fewest that fit; predicted {choice.decode_tok_s:.1f} tok/s{gain})")
+                f"the first {n} layer{'s' if n != 1 else ''} in RAM (the fewest that fit; predicted {choice.decode_tok_s:.1f} tok/s{gain})")
     return f"{choice.engine} {choice.placement} is predicted fastest ({choice.decode_tok_s:.1f} tok/s{gain})"
 
 

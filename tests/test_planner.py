@@ -63,7 +63,7 @@ def test_vram_too_small_keeps_experts_of_fewest_layers_in_ram():
         assert plan.choice.vram_bytes <= cm.gpu_capacity_bytes(prof)
         moe_rows = [c for c in plan.candidates if c.placement == "moe"]
         assert all(c.fits for c in moe_rows) and min(c.n_cpu_moe for c in moe_rows) == n
-        assert f"first {n} layers" in plan.reason
+        assert f"first {n} layer" in plan.reason
         cpu = next(c for c in plan.candidates if c.placement == "cpu")
         assert plan.choice.decode_tok_s > cpu.decode_tok_s
 
