@@ -382,8 +382,6 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float,
     which takes seconds per type at this size.)"""
     import numpy as np
 
-    from moechat.app import ggml_probe
-
     buf = ggml.aligned_empty(target)
     buf[:] = np.frombuffer(np.random.default_rng(0).bytes(target), np.uint8)
     halves = buf.view(np.uint16)
@@ -396,12 +394,10 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float,
         for q in MATVEC_QTYPES:
             block, block_bytes = _QUANT_SIZES[q]
             row_bytes = cols // block * block_bytes
-            rows = target // row_bytes // ggml_probe.ROW_MULTIPLE * ggml_probe.ROW_MULTIPLE
-            data = buf[: rows * row_bytes]
-            if ggml_probe.available(q, rows):  # the layout llama.cpp loads CPU weights into
-                linear = ggml_probe.repacked_matvec(ggml, backend, data, ggml.ggml_type_id(q), cols, rows)
-            else:
-                linear = ggml.QuantLinear(ggml.QuantWeight(data, ggml.ggml_type_id(q), (cols, rows)), backend)
+            rows = target // row_bytes // ggml.REPACK_ROW_MULTIPLE * ggml.REPACK_ROW_MULTIPLE
+            weight = ggml.QuantWeight(buf[: rows * row_bytes], ggml.ggml_type_id(q), (cols, rows))
+            # the layout llama.cpp loads CPU weights into: repacked where it repacks
+            linear = ggml.QuantLinear(ggml.maybe_repack(weight, ggml.REPACK_TYPES), backend)
             try:
                 rates[q] = rows * row_bytes / _best_time(lambda: linear(x), seconds / len(MATVEC_QTYPES), 5, statistic) / 1e9
             finally:

@@ -151,6 +151,9 @@ def check_weight(w: QuantWeight) -> None:
 
 
 GGML_TYPE_Q4_0 = 2
+GGML_TYPE_Q4_K = 12
+REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q4_K)
+REPACK_ROW_MULTIPLE = 8
 BUFFER_USAGE_WEIGHTS = 1
 
 
@@ -211,15 +214,20 @@ class quiet_ggml_log:
         llama_cpp.llama_log_set(_logger.llama_log_callback, None)
 
 
-def can_repack(w: QuantWeight) -> bool:
-    """Whether ggml's repack buffer takes this weight. Kept to the case whose rule is known
-    (ggml_repack_get_optimal_repack_type: Q4_0 on AVX2 with rows a multiple of 8); any other
-    would reach a null layout inside ggml and crash."""
-    return w.ggml_type == GGML_TYPE_Q4_0 and w.shape[1] % 8 == 0 and bool(lib().ggml_cpu_has_avx2())
+def can_repack(w: QuantWeight, types: tuple[int, ...] = (GGML_TYPE_Q4_0,)) -> bool:
+    """Whether ggml's repack buffer takes this weight. Kept to cases whose rule is known
+    (ggml_repack_get_optimal_repack_type on AVX2: Q4_0 and Q4_K -> 8x8, rows a multiple of
+    8); any other would reach a null layout inside ggml and crash. The runtime repacks Q4_0
+    only (its 3-D expert path is tested with it); the profiler measures both, as llama.cpp
+    loads both repacked."""
+    return (
+        w.ggml_type in types and w.ggml_type in REPACK_TYPES and w.shape[1] % 8 == 0
+        and bool(lib().ggml_cpu_has_avx2())
+    )
 
 
-def maybe_repack(w: QuantWeight) -> QuantWeight | PackedWeight:
-    return PackedWeight(w) if can_repack(w) else w
+def maybe_repack(w: QuantWeight, types: tuple[int, ...] = (GGML_TYPE_Q4_0,)) -> QuantWeight | PackedWeight:
+    return PackedWeight(w) if can_repack(w, types) else w
 
 
 # ---- backend ----------------------------------------------------------------------------

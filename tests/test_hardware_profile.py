@@ -62,7 +62,6 @@ def test_ggml_matvec_rate_covers_every_type(monkeypatch):
 def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():
     import numpy as np
 
-    from moechat.app import ggml_probe
     from moechat.kernels import ggml
 
     backend = ggml.CpuBackend(2)
@@ -70,16 +69,17 @@ def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():
     try:
         for qtype in ("Q4_0", "Q4_K"):
             w, dense = ggml.random_quant_weight(qtype, 64, 512)
-            if not ggml_probe.available(qtype, 64):
+            if not ggml.can_repack(w, ggml.REPACK_TYPES):
                 pytest.skip("this CPU/build does not repack")
-            matvec = ggml_probe.repacked_matvec(ggml, backend, w.data, w.ggml_type, 512, 64)
+            matvec = ggml.QuantLinear(ggml.maybe_repack(w, ggml.REPACK_TYPES), backend)
             try:
                 y, ref = matvec(x), dense @ x
             finally:
                 matvec.close()
             # ggml quantizes x to Q8 before the dot product (~1e-2 relative), as llama.cpp does
             assert np.abs(y - ref).max() < 2e-2 * np.abs(ref).max()
-        assert not ggml_probe.available("Q8_0", 64) and not ggml_probe.available("Q4_0", 60)
+        assert not ggml.can_repack(ggml.random_quant_weight("Q8_0", 64, 512)[0], ggml.REPACK_TYPES)
+        assert not ggml.can_repack(ggml.random_quant_weight("Q4_0", 60, 512)[0], ggml.REPACK_TYPES)
     finally:
         backend.close()
     assert 0 < hp.measure_cpu_op_s(1, seconds=0.05) < 0.1
