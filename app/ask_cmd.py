@@ -15,7 +15,7 @@ HELP = "ask one question and stream the answer (reads extra context from stdin w
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default="", help="the question (or read from stdin)")
-    parser.add_argument("--model", "-m", help="GGUF path (default: the built-in demo MoE)")
+    parser.add_argument("--model", "-m", help="GGUF path, catalogue NAME[:QUANT] or hub org/repo:file.gguf (default: the built-in demo MoE)")
     parser.add_argument("--system", "-s", help="system prompt")
     parser.add_argument("--max-tokens", type=_positive_int, default=512, metavar="N")
     parser.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", action="store_true",
                         help="skip the least important experts on a cache miss (hobbit engine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    thread = parser.add_mutually_exclusive_group()
+    thread.add_argument("-c", "--continue", dest="continue_last", action="store_true",
+                        help="continue the last conversation (a new one if there is none)")
+    thread.add_argument("--cid", type=_positive_int, metavar="ID",
+                        help="continue the conversation with this id")
     parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")
 
 
@@ -47,35 +52,53 @@ def run(args: argparse.Namespace) -> int:
     from moechat.backends.model_card import read_model_card
     from moechat.backends.model_resolve import resolve_model
 
-    question = _read_question(args.prompt)
-    messages = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    messages.append({"role": "user", "content": question})
-    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    from moechat.app.history import History, ReplyWriter, chat_messages, reply_stats, title_from
 
+    question = _read_question(args.prompt)
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     card = read_model_card(resolve_model(args.model))
+
+    history = History()
+    cid = _conversation_to_continue(history, args)
+    if cid is None:
+        cid = history.new_conversation(title_from(question), model=card.name,
+                                       system_prompt=args.system or "")
+    elif args.system:
+        history.set_system_prompt(cid, args.system)
+    history.set_current(cid)
+    history.add_message(cid, "user", question)  # saved before the model even loads
+    messages = chat_messages(history, cid)
+
     engine = open_engine(card, args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=args.ctx,
                          threads=args.threads, force=args.force, vram_budget=args.vram_budget,
                          hobbit_low=args.hobbit_low, skip=args.skip)
-    text, token_ids, last = [], [], None
+    writer = ReplyWriter(history, cid, model=card.name)
+    token_ids, last = [], None
     try:
         for event in engine.generate(messages, sampling):
-            text.append(event.text)
+            writer.append(event.text)
             token_ids.extend(event.token_ids)
             if not args.json and event.text:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             last = event
     except KeyboardInterrupt:
+        writer.finish("stopped")
         if not args.json:
             sys.stdout.write("\n")
             sys.stdout.flush()
         raise
+    except BaseException:
+        writer.finish("error")
+        raise
     finally:
         engine.close()
     if last is None or last.finish_reason == "error":
+        writer.finish("error")
         raise MoechatError(last.error if last and last.error else "the engine produced nothing")
+    writer.finish("done", stats=reply_stats(last, engine.name, len(token_ids)))
+    history.close()
+    text = writer.parts
     if args.json:
         print(json.dumps({
             "text": "".join(text),
@@ -89,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             "finish_reason": last.finish_reason,
             "rss_bytes": last.rss_bytes,
             "stats": dict(last.stats),
+            "conversation_id": cid,
         }))
     else:
         sys.stdout.write("\n")
@@ -98,6 +122,18 @@ def run(args: argparse.Namespace) -> int:
                 f"{last.prefill_tok_s:.1f} tok/s · decode {last.decode_tok_s:.1f} tok/s]\n"
             )
     return 0
+
+
+def _conversation_to_continue(history, args: argparse.Namespace) -> int | None:
+    from moechat.backends.errors import MoechatError
+
+    if args.cid is not None:
+        if history.conversation(args.cid) is None:
+            raise MoechatError(f"ask: no conversation with id {args.cid}")
+        return args.cid
+    if args.continue_last:
+        return history.last_conversation_id()
+    return None
 
 
 def _read_question(prompt: str) -> str:

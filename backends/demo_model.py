@@ -85,7 +85,7 @@ def build_upcycled(src: Path, out: Path, recipe: UpcycleRecipe, progress: bool =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".part{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch=arch)
-    _copy_metadata(reader, writer)
+    copy_metadata(reader, writer, skip={"general.name", "llama.expert_count", "llama.expert_used_count"})
     writer.add_expert_count(recipe.n_experts)
     writer.add_expert_used_count(recipe.n_used)
     name = reader.fields["general.name"].contents() if "general.name" in reader.fields else "SmolLM2"
@@ -167,13 +167,16 @@ def _row_bytes(gguf, qtype, cols: int) -> int:
     return cols // block * type_bytes
 
 
-def _copy_metadata(reader, writer) -> None:
-    """Copy every key/value pair except the ones the writer owns or we replace."""
+def copy_metadata(reader, writer, skip=frozenset(), prefix: str = "") -> None:
+    """Copy the key/value pairs of `reader` whose key starts with `prefix` to `writer`, except
+    the ones the writer owns (`GGUF.*`, `general.architecture`) and those in `skip`.
+    Shared with the test fixtures, which copy SmolLM2's `tokenizer.*` keys this way."""
     import gguf
 
-    skip = {"general.architecture", "general.name", "llama.expert_count", "llama.expert_used_count"}
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+            continue
+        if not key.startswith(prefix):
             continue
         vtype = field.types[0]
         value = field.contents()

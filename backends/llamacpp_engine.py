@@ -117,7 +117,7 @@ class LlamaCppEngine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         generated: list[int] = []
         finish = "length"
-        t_first = None
+        t_start, t_first = time.perf_counter(), None
         stream = self.llm.generate(
             tokens,
             top_k=sampling.top_k,
@@ -151,16 +151,20 @@ class LlamaCppEngine:
                     break
         finally:
             stream.close()
-        yield self._final_event(len(tokens), decoder.decode(b"", final=True), finish)
+        ttft = (t_first or time.perf_counter()) - t_start
+        yield self._final_event(len(tokens), ttft, decoder.decode(b"", final=True), finish)
 
-    def _final_event(self, n_prompt: int, tail_text: str, finish: str) -> Event:
+    def _final_event(self, n_prompt: int, ttft: float, tail_text: str, finish: str) -> Event:
         """Totals from llama.cpp's own perf counters (read after a synchronize)."""
         import llama_cpp
         import psutil
 
         llama_cpp.llama_synchronize(self.llm.ctx)
         perf = llama_cpp.llama_perf_context(self.llm.ctx)
-        prefill = perf.n_p_eval / perf.t_p_eval_ms * 1e3 if perf.t_p_eval_ms > 0 else 0.0
+        if perf.n_p_eval > 0 and perf.t_p_eval_ms > 0:
+            prefill = perf.n_p_eval / perf.t_p_eval_ms * 1e3
+        else:  # the prompt was cached but for a token, which llama.cpp counts as a decode
+            prefill = max(1, n_prompt - self._reused(n_prompt, perf)) / ttft if ttft > 0 else 0.0
         decode = perf.n_eval / perf.t_eval_ms * 1e3 if perf.t_eval_ms > 0 else 0.0
         return Event(
             text=tail_text,
@@ -170,12 +174,19 @@ class LlamaCppEngine:
             rss_bytes=psutil.Process().memory_info().rss,
             stats={
                 "placement": self.placement,
-                "prompt_tokens_evaluated": int(perf.n_p_eval),
-                "prompt_tokens_reused": max(0, n_prompt - int(perf.n_p_eval)),
+                "prompt_tokens_evaluated": n_prompt - self._reused(n_prompt, perf),
+                "prompt_tokens_reused": self._reused(n_prompt, perf),
                 "decoded_tokens": int(perf.n_eval),
             },
             finish_reason=finish,
         )
+
+    @staticmethod
+    def _reused(n_prompt: int, perf) -> int:
+        """Prompt tokens served from the KV cache (a fully cached prompt still re-evaluates
+        its last token, which llama.cpp counts as a decode rather than a prompt token)."""
+        evaluated = int(perf.n_p_eval) or 1
+        return max(0, n_prompt - evaluated)
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -6,6 +6,8 @@ checked against this machine's memory (unless the user passed --force).
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 from moechat.backends.errors import MoechatError
@@ -29,6 +31,8 @@ def available_memory() -> Memory:
 
 
 def _vram_free() -> int:
+    if sys.platform == "linux" and not os.path.exists("/dev/nvidiactl"):
+        return 0  # no NVIDIA driver loaded: skip importing NVML (start-up time)
     try:
         import pynvml
 
@@ -76,12 +80,19 @@ def open_engine(
     hobbit_low: str = "auto",
     skip: bool = False,
 ):
-    """Open the engine the user asked for, or the best one for this machine ("auto")."""
+    """Open the engine the user asked for, or the planner's choice for this machine ("auto").
+
+    With "auto" and no --n-cpu-moe, the plan (backends/planner.py, on this machine's cached
+    profile) picks engine and placement; `engine` or `n_cpu_moe` given by the user win."""
     if engine not in ENGINES:
         raise MoechatError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     n_ctx = n_ctx or default_context(card)
     if not force:
         check_fits(card, n_ctx)
+    if engine == "auto" and n_cpu_moe is None:
+        choice = planned_choice(card, n_ctx, force=force)
+        if choice is not None:
+            return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads)
     if engine in ("auto", "llama.cpp"):
         from moechat.backends.llamacpp_engine import (
             LlamaCppEngine,
@@ -132,3 +143,36 @@ def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, h
 
     return HobbitEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget,
                         low_format=hobbit_low, skip=skip)
+
+
+def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
+    """The plan's choice on this machine's cached profile (or, before `moechat profile` has run,
+    its facts with nominal speeds: a chat never waits for a benchmark). A model that fits nowhere is refused
+    unless force."""
+    from moechat.app.hardware_profile import load_profile
+    from moechat.backends.planner import NoFitError, make_plan
+
+    try:
+        return make_plan(card, load_profile(measure=False), n_ctx=n_ctx).choice
+    except NoFitError:
+        if force:
+            return None
+        raise
+
+
+def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, threads: int | None = None):
+    """Open the engine a planner Candidate describes."""
+    if candidate.engine in ("fiddler", "hobbit"):
+        return _open_offload_engine(card, candidate.engine, None, n_ctx or default_context(card),
+                                    threads, None, "auto", False)
+    if candidate.engine != "llama.cpp":
+        raise MoechatError(f"the {candidate.engine} engine is not available in this build yet")
+    from moechat.backends.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
+
+    if candidate.placement == "moe":
+        placement = LlamaCppPlacement("moe", candidate.n_cpu_moe or 0)
+    elif candidate.placement in ("cpu", "gpu"):
+        placement = LlamaCppPlacement(candidate.placement)
+    else:
+        raise MoechatError(f"llama.cpp placement {candidate.placement!r} is not wired into the engine yet")
+    return LlamaCppEngine(card, placement, n_ctx=n_ctx or default_context(card), threads=threads)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moechat.backends.errors import MoechatError
+from moechat.backends.gguf_header import GGUFHeader, HeaderError, parse_header
 
 # Architectures moechat knows (GGUF `general.architecture`) and whether they are MoE.
 MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "phimoe")
@@ -24,6 +25,7 @@ SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(MOE_ARCHITECTURES + DENSE_ARCHITEC
 # llama.cpp's LLM_FFN_EXPS_REGEX: the stacked routed-expert tensors (weights and biases).
 EXPERT_TENSOR_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
 LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+SPLIT_NAME_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 GGUF_MAGIC = b"GGUF"
 MAX_TENSORS = 1_000_000  # more than any real model has, by orders of magnitude
@@ -37,6 +39,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # GGUF order: ne0 (innermost) first
     n_bytes: int
     offset: int  # absolute byte offset of the data in the file
+    shard: int = 0  # which file of a split GGUF holds it (0 = the first or only file)
 
     @property
     def layer(self) -> int | None:
@@ -69,6 +72,11 @@ class ModelCard:
     expert_ffn_size: int
     kv_lora_rank: int  # deepseek2 MLA; 0 elsewhere
     tensors: tuple[TensorInfo, ...]
+    # MLA files (deepseek2 as converted today) store the latent as one KV head of
+    # head_dim_k = kv_lora_rank + rope dims; these are the per-head sizes it expands to.
+    # 0 when absent, e.g. older deepseek2 files with an unsplit attn_kv_b (cached as MHA).
+    head_dim_k_mla: int = 0
+    head_dim_v_mla: int = 0
 
     # ---- derived ---------------------------------------------------------------------
     @property
@@ -130,11 +138,17 @@ class ModelCard:
         return self.dense_active_bytes_per_token + self.active_expert_bytes_per_token
 
     @property
+    def is_mla(self) -> bool:
+        """llama.cpp's test (llama_hparams::is_mla): both MLA head sizes are in the file."""
+        return self.head_dim_k_mla > 0 and self.head_dim_v_mla > 0
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """f16 K and V for every layer (MLA models cache the compressed latent instead)."""
-        if self.kv_lora_rank:
-            rope_dim = max(0, self.head_dim_k - self.kv_lora_rank)
-            return self.n_layers * (self.kv_lora_rank + rope_dim) * 2
+        """f16 K and V for every layer, as llama.cpp allocates them. MLA caches only the
+        latent (kv_lora_rank + rope dims, one "head") as K and no V; sliding-window layers
+        count in full because llama-cpp-python allocates full-size SWA caches (swa_full)."""
+        if self.is_mla:
+            return self.n_layers * self.n_kv_heads * self.head_dim_k * 2
         return self.n_layers * self.n_kv_heads * (self.head_dim_k + self.head_dim_v) * 2
 
     def tensor(self, name: str) -> TensorInfo | None:
@@ -145,33 +159,68 @@ class ModelCard:
 
 
 def read_model_card(path: str | os.PathLike) -> ModelCard:
-    """Read a GGUF's metadata and tensor table; raise MoechatError (one line) if unusable."""
+    """Read a GGUF's metadata and tensor table; raise MoechatError (one line) if unusable.
+
+    For a split GGUF (`-00001-of-00003.gguf`, the first shard) the other shards' headers
+    are read too, so the card describes the whole model."""
     path = Path(path).expanduser()
     file_bytes = _check_file(path)
-    reader = _open_reader(path, file_bytes)
-    meta = _Metadata(reader)
+    header = _read_local_header(path)
+    headers, sizes = [header], [file_bytes]
+    for shard in split_shard_paths(path, header)[1:]:
+        sizes.append(_check_file(shard))
+        headers.append(_read_local_header(shard))
+    return card_from_headers(str(path), headers, sizes)
 
+
+def split_shard_paths(path: Path, header: GGUFHeader) -> list[Path]:
+    """All shard paths of a split GGUF given its first shard ([path] when not split)."""
+    count = header.metadata.get("split.count") or 1
+    if count <= 1:
+        return [path]
+    if header.metadata.get("split.no", 0) != 0:
+        raise MoechatError(f"{path}: a later shard of a split GGUF; give the first (-00001-of-...)")
+    names = split_shard_names(path.name, count)
+    if names is None:
+        raise MoechatError(f"{path}: split GGUF ({count} shards) whose name lacks -00001-of-{count:05d}")
+    return [path.with_name(name) for name in names]
+
+
+def split_shard_names(first_name: str, count: int | None = None) -> list[str] | None:
+    """`x-00001-of-00003.gguf` -> the three shard names; None if the name is not a first shard."""
+    m = SPLIT_NAME_RE.search(first_name)
+    if not m or int(m.group(1)) != 1 or (count is not None and int(m.group(2)) != count):
+        return None
+    total = int(m.group(2))
+    stem = first_name[: m.start()]
+    return [f"{stem}-{i:05d}-of-{total:05d}.gguf" for i in range(1, total + 1)]
+
+
+def card_from_headers(path: str, headers: list[GGUFHeader], file_sizes: list[int]) -> ModelCard:
+    """Build the card from parsed headers (one per shard; metadata from the first). Shared by
+    local files and remote header-only reads; `path` names the model in messages."""
+    meta = _Metadata(headers[0].metadata)
     arch = meta.str("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise MoechatError(
             f"{path}: unsupported architecture {arch!r} "
             f"(moechat supports {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    tensors = tuple(
-        TensorInfo(
-            name=t.name,
-            type_name=t.tensor_type.name,
-            shape=tuple(int(d) for d in t.shape),
-            n_bytes=int(t.n_bytes),
-            offset=int(t.data_offset),
-        )
-        for t in reader.tensors
-    )
-    end = max((t.offset + t.n_bytes for t in tensors), default=0)
-    if end > file_bytes:
-        raise MoechatError(
-            f"{path}: truncated GGUF: tensor data needs {end:,} bytes, the file has {file_bytes:,}"
-        )
+    tensors = []
+    for shard, (header, file_bytes) in enumerate(zip(headers, file_sizes)):
+        shard_tensors = [
+            TensorInfo(name=t.name, type_name=t.type_name, shape=t.shape, n_bytes=t.n_bytes,
+                       offset=t.offset, shard=shard)
+            for t in header.tensors
+        ]
+        end = max((t.offset + t.n_bytes for t in shard_tensors), default=0)
+        if end > file_bytes:
+            raise MoechatError(
+                f"{path}: truncated GGUF: tensor data needs {end:,} bytes, the file has {file_bytes:,}"
+            )
+        tensors.extend(shard_tensors)
+    tensors = tuple(tensors)
+    file_bytes = sum(file_sizes)
 
     n_heads = meta.int(f"{arch}.attention.head_count")
     hidden = meta.int(f"{arch}.embedding_length")
@@ -186,10 +235,10 @@ def read_model_card(path: str | os.PathLike) -> ModelCard:
     if not n_shared and any("_shexp" in t.name for t in tensors):
         n_shared = 1
     card = ModelCard(
-        path=str(path),
+        path=path,
         file_bytes=file_bytes,
         architecture=arch,
-        name=meta.str("general.name", path.stem),
+        name=meta.str("general.name", Path(path).stem),
         n_layers=meta.int(f"{arch}.block_count"),
         hidden_size=hidden,
         n_heads=n_heads,
@@ -205,6 +254,8 @@ def read_model_card(path: str | os.PathLike) -> ModelCard:
         expert_ffn_size=expert_ffn,
         kv_lora_rank=meta.int(f"{arch}.attention.kv_lora_rank", 0),
         tensors=tensors,
+        head_dim_k_mla=meta.int(f"{arch}.attention.key_length_mla", 0),
+        head_dim_v_mla=meta.int(f"{arch}.attention.value_length_mla", 0),
     )
     _check_geometry(card)
     return card
@@ -237,14 +288,12 @@ def _check_file(path: Path) -> int:
     return size
 
 
-def _open_reader(path: Path, file_bytes: int):
-    import gguf  # imported here: it pulls numpy, which one-shot start-up avoids until needed
-
+def _read_local_header(path: Path) -> GGUFHeader:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as err:  # the reader raises many types on corrupt input
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise MoechatError(f"{path}: corrupt or truncated GGUF ({reason})") from err
+        with open(path, "rb", buffering=1 << 20) as f:
+            return parse_header(f.read, MAX_TENSORS, MAX_KV_PAIRS)
+    except HeaderError as err:
+        raise MoechatError(f"{path}: corrupt or truncated GGUF ({err})") from err
 
 
 def _check_geometry(card: ModelCard) -> None:
@@ -267,14 +316,11 @@ def _check_geometry(card: ModelCard) -> None:
 class _Metadata:
     """Typed access to GGUF key/value pairs."""
 
-    def __init__(self, reader):
-        self._fields = reader.fields
+    def __init__(self, metadata: dict):
+        self._fields = metadata
 
     def _value(self, key: str):
-        field = self._fields.get(key)
-        if field is None or not field.types:
-            return None
-        return field.contents()
+        return self._fields.get(key)
 
     def str(self, key: str, default: str | None = None) -> str:
         value = self._value(key)

@@ -7,8 +7,6 @@ are identical to the reference by construction.
 
 from __future__ import annotations
 
-import functools
-
 from moechat.backends.chat_template import render_chat
 from moechat.backends.engine import Message
 
@@ -23,18 +21,14 @@ class ChatTokenizer:
 
     @classmethod
     def open(cls, path: str) -> "ChatTokenizer":
-        import ctypes
-
         import llama_cpp
-        from llama_cpp import _logger
+
+        from moechat.kernels.ggml import quiet_ggml_log
 
         # vocab_only still builds a context, and llama.cpp logs a spurious complaint about its
         # size (training context 0): route llama.cpp's log to nowhere meanwhile.
-        llama_cpp.llama_log_set(_silent_log(), ctypes.c_void_p(0))
-        try:
+        with quiet_ggml_log():
             return cls(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False))
-        finally:
-            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
     def token_text(self, token: int) -> str:
         if token < 0:
@@ -62,10 +56,3 @@ class ChatTokenizer:
         self.llm.close()
 
 
-
-@functools.cache
-def _silent_log():
-    """A llama.cpp log callback that drops everything (kept alive: llama.cpp holds its pointer)."""
-    import llama_cpp
-
-    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)

@@ -47,7 +47,8 @@ class TorchEngine:
         self.cache = self.model.new_cache(self.n_ctx)
         self.evaluated: list[int] = []  # tokens whose keys/values are in the cache
         where = "CPU, ggml kernels on the GGUF's quantized bytes" if self.device == "cpu" else self.device
-        self.placement = f"{where}, {threads} threads" if self.device == "cpu" else where
+        plural = "s" if threads != 1 else ""
+        self.placement = f"{where}, {threads} thread{plural}" if self.device == "cpu" else where
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
         """Evaluate tokens at positions start.. (in chunks of PREFILL_CHUNK) -> logits."""

@@ -70,6 +70,15 @@ _SIGNATURES = {
     "ggml_backend_tensor_alloc": (ctypes.c_int, [_p, _p, _p]),
     "ggml_backend_alloc_ctx_tensors": (_p, [_p, _p]),
     "ggml_backend_buffer_free": (None, [_p]),
+    "ggml_backend_buft_alloc_buffer": (_p, [_p, _size]),
+    "ggml_backend_buft_get_alloc_size": (_size, [_p, _p]),
+    "ggml_backend_buffer_get_base": (_p, [_p]),
+    "ggml_backend_buffer_set_usage": (None, [_p, ctypes.c_int]),
+    "ggml_backend_tensor_set": (None, [_p, _p, _size, _size]),
+    "ggml_cpu_has_avx2": (ctypes.c_int, []),
+    # C++ symbol (ggml-cpu's repack buffer type: weights stored in interleaved layouts that
+    # ggml's faster GEMV/GEMM kernels read)
+    "_Z35ggml_backend_cpu_repack_buffer_typev": (_p, []),
 }
 
 
@@ -141,6 +150,86 @@ def check_weight(w: QuantWeight) -> None:
         raise ValueError(f"weight bytes are not {TENSOR_ALIGNMENT}-byte aligned")
 
 
+GGML_TYPE_Q4_0 = 2
+GGML_TYPE_Q4_K = 12
+REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q4_K)
+REPACK_ROW_MULTIPLE = 8
+BUFFER_USAGE_WEIGHTS = 1
+
+
+class PackedWeight:
+    """A weight copied into ggml's repacked CPU layout (e.g. Q4_0 as 8x8 interleaved blocks,
+    read by a faster AVX2/AVX-512 GEMV), as llama.cpp does at load. Same bytes, same block
+    values, same numerics; it lives in a ggml buffer, not in the file's map."""
+
+    def __init__(self, w: QuantWeight):
+        self.lib = lib()
+        self.ggml_type, self.shape, self.nbytes = w.ggml_type, w.shape, w.nbytes
+        buft = self.lib._Z35ggml_backend_cpu_repack_buffer_typev()
+        ctx = self.lib.ggml_init(_InitParams(self.lib.ggml_tensor_overhead() * 2, None, True))
+        try:
+            make = self.lib.ggml_new_tensor_2d if len(w.shape) == 2 else self.lib.ggml_new_tensor_3d
+            t = make(ctx, w.ggml_type, *w.shape)
+            self.buffer = self.lib.ggml_backend_buft_alloc_buffer(buft, self.lib.ggml_backend_buft_get_alloc_size(buft, t))
+            if not self.buffer:
+                raise MemoryError(f"ggml could not allocate {w.nbytes:,} bytes for a repacked weight")
+            self.lib.ggml_backend_buffer_set_usage(self.buffer, BUFFER_USAGE_WEIGHTS)
+            self.base = self.lib.ggml_backend_buffer_get_base(self.buffer)
+            if self.lib.ggml_backend_tensor_alloc(self.buffer, t, self.base) != GGML_STATUS_SUCCESS:
+                raise RuntimeError("ggml_backend_tensor_alloc failed")
+            with quiet_ggml_log():  # it logs one debug line per tensor
+                self.lib.ggml_backend_tensor_set(t, w.data.ctypes.data, 0, w.nbytes)  # repacks
+        finally:
+            self.lib.ggml_free(ctx)
+
+    def close(self):
+        buf, self.buffer = getattr(self, "buffer", None), None
+        if buf:
+            self.lib.ggml_backend_buffer_free(buf)
+
+    def __del__(self):
+        self.close()
+
+
+@functools.cache
+def _silent_log():
+    """A llama.cpp/ggml log callback that drops everything (kept alive: ggml holds it)."""
+    import llama_cpp
+
+    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+
+
+class quiet_ggml_log:
+    """Context manager: llama.cpp/ggml log lines are dropped inside it."""
+
+    def __enter__(self):
+        import llama_cpp
+
+        llama_cpp.llama_log_set(_silent_log(), None)
+
+    def __exit__(self, *exc):
+        import llama_cpp
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, None)
+
+
+def can_repack(w: QuantWeight, types: tuple[int, ...] = (GGML_TYPE_Q4_0,)) -> bool:
+    """Whether ggml's repack buffer takes this weight. Kept to cases whose rule is known
+    (ggml_repack_get_optimal_repack_type on AVX2: Q4_0 and Q4_K -> 8x8, rows a multiple of
+    8); any other would reach a null layout inside ggml and crash. The runtime repacks Q4_0
+    only (its 3-D expert path is tested with it); the profiler measures both, as llama.cpp
+    loads both repacked."""
+    return (
+        w.ggml_type in types and w.ggml_type in REPACK_TYPES and w.shape[1] % 8 == 0
+        and bool(lib().ggml_cpu_has_avx2())
+    )
+
+
+def maybe_repack(w: QuantWeight, types: tuple[int, ...] = (GGML_TYPE_Q4_0,)) -> QuantWeight | PackedWeight:
+    return PackedWeight(w) if can_repack(w, types) else w
+
+
 # ---- backend ----------------------------------------------------------------------------
 
 
@@ -191,7 +280,7 @@ class _Graph:
         self._buffer = None  # the buffer ggml allocated for everything else
         self.graph = None
 
-    def _weight(self, w: QuantWeight) -> int:
+    def _weight(self, w: QuantWeight | PackedWeight) -> int:
         shape = [int(s) for s in w.shape]
         if len(shape) == 2:
             t = self.lib.ggml_new_tensor_2d(self.ctx, w.ggml_type, *shape)
@@ -199,6 +288,11 @@ class _Graph:
             t = self.lib.ggml_new_tensor_3d(self.ctx, w.ggml_type, *shape)
         if self.lib.ggml_nbytes(t) != w.nbytes:
             raise ValueError(f"ggml sizes {w.shape} as {self.lib.ggml_nbytes(t)} bytes, have {w.nbytes}")
+        if isinstance(w, PackedWeight):  # already in its ggml buffer: point a tensor at it
+            if self.lib.ggml_backend_tensor_alloc(w.buffer, t, w.base) != GGML_STATUS_SUCCESS:
+                raise RuntimeError("ggml_backend_tensor_alloc failed")
+            self._keep.append(w)
+            return t
         ptr = w.data.ctypes.data
         buf = self.lib.ggml_backend_cpu_buffer_from_ptr(ptr, w.nbytes)
         self._wrapped.append(buf)
@@ -308,6 +402,50 @@ def _cached_call(graphs: dict, n_tokens: int, build, *inputs, key=1) -> np.ndarr
         return g(*inputs)
     finally:
         g.close()
+
+
+class _MultiMatmulGraph(_Graph):
+    """Several products of one input in one graph: one compute call (and one thread-team
+    start) instead of several — what the q, k and v projections of a layer need."""
+
+    def __init__(self, backend: CpuBackend, weights: list, n_tokens: int):
+        super().__init__(backend)
+        d = weights[0].shape[0]
+        self.x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D]
+        self.ys = [self.lib.ggml_mul_mat(self.ctx, self._weight(w), self.x) for w in weights]  # [T, N_i]
+        self.graph = self.lib.ggml_new_graph(self.ctx)
+        for y in self.ys:
+            self.lib.ggml_build_forward_expand(self.graph, y)
+        self._buffer = self.lib.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.ptr)
+        if not self._buffer:
+            raise RuntimeError("ggml could not allocate the graph's tensors")
+        self.out_shapes = [(n_tokens, w.shape[1]) for w in weights]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self._set(self.x, x)
+        self._run()
+        return [self._get(y, shape) for y, shape in zip(self.ys, self.out_shapes)]
+
+
+class QuantLinearGroup:
+    """[x @ W_i.T for each W_i] for weights that share their input (same D), in one graph."""
+
+    def __init__(self, weights: list, backend: CpuBackend):
+        if len({w.shape[0] for w in weights}) != 1 or any(len(w.shape) != 2 for w in weights):
+            raise ValueError(f"weights of one group need one input size: {[w.shape for w in weights]}")
+        self.weights, self.backend = weights, backend
+        self.in_features = weights[0].shape[0]
+        self._graphs: dict[int, _MultiMatmulGraph] = {}  # decode's graph (T == 1)
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        """x [T, D] float32 -> [[T, N_i] float32 for each weight]."""
+        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
+        return _cached_call(self._graphs, x2.shape[0], lambda: _MultiMatmulGraph(self.backend, self.weights, x2.shape[0]), x2)
+
+    def close(self) -> None:
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
 
 
 # ---- the MoE op: a SwiGLU FFN for the selected experts of stacked expert tensors ---------

@@ -37,3 +37,15 @@ def moechat_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory for tiny random GGUF models (tests/fixtures/tiny_models.py), built once into
+    cache_dir()/fixtures: `tiny_model("qwen3moe", "Q4_K")` -> Path."""
+    from fixtures.tiny_models import tiny_model_path
+
+    def make(arch: str, expert_type: str = "F32", seed: int = 0) -> Path:
+        return tiny_model_path(arch, expert_type, seed)
+
+    return make

@@ -81,3 +81,15 @@ def test_bad_weights_are_refused_not_aborted():
 def test_matvec_rate_is_measured():
     rate = ggml.quantized_matvec_bytes_per_s("Q4_0", 512, 1024, threads=1, repeats=3)
     assert 1e8 < rate < 1e13  # bytes/s: plausible for any CPU, and a real timing
+
+
+def test_repacked_q4_0_gives_the_same_products(backend):
+    """ggml's interleaved Q4_0 layout (what llama.cpp uses on AVX2) reads the same blocks."""
+    w, dense = ggml.random_quant_weight("Q4_0", 64, 256, seed=5)
+    if not ggml.can_repack(w):
+        pytest.skip("no AVX2: ggml has no repacked Q4_0 layout on this CPU")
+    packed = ggml.PackedWeight(w)
+    x = np.random.default_rng(2).standard_normal((3, 256), dtype=np.float32)
+    plain, fast = ggml.QuantLinear(w, backend)(x), ggml.QuantLinear(packed, backend)(x)
+    assert _rel_err(fast, plain) < 1e-5 and _rel_err(fast, x @ dense.T) < Q8_ACTIVATION_TOLERANCE
+    assert not ggml.can_repack(ggml.random_quant_weight("Q8_0", 64, 256)[0])  # unknown rule: not taken

@@ -1,12 +1,12 @@
-"""ModelArgs: the runtime's dataclass config, built from the model card plus the few GGUF
-keys the card does not carry (RoPE, norm epsilon, routing options)."""
+"""ModelArgs: the runtime's dataclass config, built from the GGUF's metadata — the same keys
+the model card reads (backends/model_card.py) plus the ones it does not carry (RoPE, norm
+epsilon, routing options)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from moechat.backends.errors import MoechatError
-from moechat.backends.model_card import ModelCard
 
 # llama.cpp's llama_model_rope_type(): NORM rotates adjacent pairs (x0,x1),(x2,x3)...;
 # NEOX rotates (x_i, x_{i+n/2}).
@@ -48,37 +48,43 @@ class ModelArgs:
         return self.n_experts > 0
 
 
-def model_args(card: ModelCard, metadata: dict) -> ModelArgs:
-    """`metadata`: the GGUF's key -> value map (GGUFWeights.metadata)."""
-    arch = card.architecture
+def model_args(metadata: dict, tensors: dict) -> ModelArgs:
+    """From a GGUF's metadata and tensor table (GGUFWeights.metadata / .tensors)."""
+    arch = metadata.get("general.architecture", "?")
+    name = metadata.get("general.name", arch)
     if arch not in RUNTIME_ARCHS:
         raise MoechatError(
-            f"{card.name}: the torch runtime does not support {arch!r} yet "
+            f"{name}: the torch runtime does not support {arch!r} yet "
             f"(it runs {', '.join(RUNTIME_ARCHS)}; use --engine llama.cpp)"
         )
 
-    def get(key, default):
-        return metadata.get(f"{arch}.{key}", default)
+    def get(key, default=None):
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is None:
+            raise MoechatError(f"{name}: GGUF metadata lacks {arch}.{key}")
+        return max(value) if isinstance(value, list) else value  # per-layer arrays
 
+    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", dim // n_heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise MoechatError(f"{name}: different K and V head sizes are not supported")
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
-        raise MoechatError(f"{card.name}: RoPE scaling {scaling!r} is not supported by the torch runtime")
-    head_dim = card.head_dim_k
-    if card.head_dim_v != head_dim:
-        raise MoechatError(f"{card.name}: different K and V head sizes are not supported")
+        raise MoechatError(f"{name}: RoPE scaling {scaling!r} is not supported by the torch runtime")
     factor = float(get("rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
-    attn_scale = float(get("attention.scale", 0.0) or 0.0)
+    n_experts = int(get("expert_count", 0))
+    up = tensors.get("blk.0.ffn_up_exps.weight")
     return ModelArgs(
         arch=arch,
-        n_layers=card.n_layers,
-        dim=card.hidden_size,
-        n_heads=card.n_heads,
-        n_kv_heads=card.n_kv_heads,
+        n_layers=int(get("block_count")),
+        dim=dim,
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
-        vocab_size=card.vocab_size,
-        n_experts=card.n_experts,
-        n_experts_used=card.n_experts_used,
-        expert_ffn=card.expert_ffn_size,
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        n_experts=n_experts,
+        n_experts_used=int(get("expert_used_count", 0)),
+        expert_ffn=int(get("expert_feed_forward_length", up.shape[1] if up else 0)),
         rope_base=float(get("rope.freq_base", 10000.0)),
         rope_dims=int(get("rope.dimension_count", head_dim)),
         rope_neox=arch in ROPE_NEOX_ARCHS,
@@ -86,5 +92,5 @@ def model_args(card: ModelCard, metadata: dict) -> ModelArgs:
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         norm_topk=bool(get("expert_weights_norm", arch in NORM_TOPK_ARCHS)),
         expert_weights_scale=float(get("expert_weights_scale", 0.0) or 0.0),
-        attn_scale=attn_scale or head_dim**-0.5,
+        attn_scale=float(get("attention.scale", 0.0) or 0.0) or head_dim**-0.5,
     )

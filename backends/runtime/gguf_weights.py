@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moechat.backends.gguf_header import parse_header
 from moechat.kernels import dequant
 from moechat.kernels.ggml import QuantWeight
 
@@ -37,25 +38,50 @@ class RawTensor:
 
 
 class GGUFWeights:
+    """The tensors of a GGUF file as views on one read-only memory map, plus its metadata.
+
+    The header is parsed by backends/gguf_header.py, not gguf.GGUFReader: the reader turns every
+    vocabulary entry into numpy arrays (seconds and ~140 MB for a 49k vocabulary) while we
+    only need the scalars; tokens come from llama.cpp itself."""
+
     def __init__(self, path: str):
         import gguf
 
-        self.path = path
+        self.path = str(path)
         # copy-on-write map: torch can wrap the arrays without a read-only warning; we never
         # write, so every page stays file-backed
-        reader = gguf.GGUFReader(path, "c")
-        # Keep the metadata values, not the reader's per-field numpy parts: the vocabulary
-        # alone is ~50k tiny arrays (~140 MB of Python objects). Tokens come from llama.cpp.
-        self.metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        self.map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        with open(self.path, "rb") as f:
+            header = parse_header(f.read)
+        # long arrays (the vocabulary) come back as None: tokens come from llama.cpp itself
+        self.metadata = {k: v for k, v in header.metadata.items() if v is not None}
         self.tensors: dict[str, RawTensor] = {}
-        for t in reader.tensors:
-            self.tensors[t.name] = RawTensor(
-                name=t.name,
-                type_name=t.tensor_type.name,
-                ggml_type=int(t.tensor_type),
-                shape=tuple(int(d) for d in t.shape),
-                data=t.data,  # a view: keeps the memory map alive
-            )
+        for info in header.tensors:
+            name, shape = info.name, info.shape
+            qtype = gguf.GGMLQuantizationType[info.type_name]
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            row_bytes = shape[0] // block * size
+            n_rows = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+            start = info.offset
+            raw = self.map[start : start + row_bytes * n_rows]
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                raw = raw.view(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+                data = raw.reshape(tuple(reversed(shape)))
+            else:
+                data = raw.reshape(tuple(reversed(shape[1:])) + (row_bytes,))
+            self.tensors[name] = RawTensor(name, qtype.name, int(qtype), shape, data)
+
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from our mapping (after copying it elsewhere, e.g. into a
+        repacked ggml buffer): they stop counting in our RSS and stay in the OS page cache,
+        so a later read of the bytes faults them back in from there."""
+        import mmap
+
+        t = self.tensors[name]
+        start = t.data.ctypes.data - self.map.ctypes.data
+        page = mmap.PAGESIZE
+        lo, hi = start // page * page, -(-(start + t.data.nbytes) // page) * page
+        self.map._mmap.madvise(mmap.MADV_DONTNEED, lo, min(hi, self.map.nbytes) - lo)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -11,22 +11,27 @@ import torch
 import torch.nn.functional as F
 
 from moechat.backends.runtime.gguf_weights import RawTensor
-from moechat.kernels.ggml import CpuBackend, QuantLinear
+from moechat.kernels.ggml import CpuBackend, QuantLinear, QuantLinearGroup, maybe_repack
 
 
 class Linear:
     """y = x @ W.T (+ b) with W straight from the GGUF.
 
     With a ggml CPU backend, ggml's kernel runs on the quantized bytes in place (llama.cpp's
-    speed and numerics, nothing dequantized). Otherwise (a GPU, or the CPU with
+    speed and numerics, nothing dequantized) — or, for the types ggml has a faster
+    interleaved layout for (Q4_0 on AVX2), on a repacked copy, as llama.cpp does. Otherwise (a GPU, or the CPU with
     kernels="torch"), W is dequantized once into `dtype` on `device`."""
 
     def __init__(self, weight: RawTensor, bias: torch.Tensor | None, device: str,
-                 dtype: torch.dtype, cpu: CpuBackend | None):
+                 dtype: torch.dtype, cpu: CpuBackend | None, release=None):
         self.out_features = weight.shape[1]
         self.bias = bias
         if cpu is not None:
-            self.ggml, self.w = QuantLinear(weight.quant_weight(), cpu), None
+            mapped = weight.quant_weight()
+            packed = maybe_repack(mapped)
+            if packed is not mapped and release is not None:
+                release(weight.name)  # the repacked copy replaces the mapped pages
+            self.ggml, self.w = QuantLinear(packed, cpu), None
         else:
             self.ggml, self.w = None, weight.to_torch(dtype, device)  # [N, D]
 
@@ -36,6 +41,19 @@ class Linear:
         else:
             y = x @ self.w.T
         return y if self.bias is None else y + self.bias
+
+
+def linear_group(linears: list[Linear]):
+    """A function x -> [l(x) for l in linears]; on the CPU one ggml graph computes them all."""
+    if any(l.ggml is None for l in linears):
+        return lambda x: [l(x) for l in linears]
+    group = QuantLinearGroup([l.ggml.weight for l in linears], linears[0].ggml.backend)
+
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        ys = group(x.detach().contiguous().numpy())
+        return [torch.from_numpy(y) if l.bias is None else torch.from_numpy(y) + l.bias for y, l in zip(ys, linears)]
+
+    return run
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,8 +85,10 @@ class Rope:
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x [T, heads, Dh] -> rotated, positions start..start+T-1."""
         t = x.shape[0]
-        cos = self.cos[start : start + t, None, :].to(x.dtype)  # [T, 1, Dr/2]
-        sin = self.sin[start : start + t, None, :].to(x.dtype)
+        cos = self.cos[start : start + t, None, :]  # [T, 1, Dr/2]
+        sin = self.sin[start : start + t, None, :]
+        if x.dtype != cos.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rot, rest = x[..., : self.dims], x[..., self.dims :]
         if self.neox:
             x0, x1 = rot[..., : self.dims // 2], rot[..., self.dims // 2 :]
@@ -83,18 +103,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
     """q [T, H, Dh] at positions start.., k/v [Hkv, S, Dh] (S = start + T) -> [T, H*Dh].
 
     Rounded like llama.cpp's default CPU attention (f16 cache, no flash attention): the query
-    is rounded to the cache dtype before q·k, the scores are softmaxed in float32, and the
-    probabilities are rounded to the cache dtype before they weight the values; products
-    accumulate in float32. A GPU cache in float32 (or bf16) just follows its own dtype."""
+    is rounded to the cache dtype before q·k, the scores are softmaxed, and the probabilities
+    are rounded to the cache dtype before they weight the values. On the CPU the products
+    run in float64: their result then no longer depends on how many queries share the call,
+    so a cached decode step gives what a full forward gives at that position (float32 BLAS
+    picks different blockings for different shapes, and these models amplify ulp changes)."""
     t, h, dh = q.shape
     hkv, s, _ = k.shape
-    qg = q.to(k.dtype).float().transpose(0, 1).reshape(hkv, h // hkv * t, dh)  # [Hkv, G*T, Dh]
-    scores = torch.bmm(qg, k.float().transpose(1, 2)).view(hkv, h // hkv, t, s) * scale  # [Hkv, G, T, S]
+    acc = torch.float64 if q.device.type == "cpu" else torch.float32
+    qg = q.to(k.dtype).to(acc).transpose(0, 1).reshape(hkv, h // hkv * t, dh)  # [Hkv, G*T, Dh]
+    scores = torch.bmm(qg, k.to(acc).transpose(1, 2)).view(hkv, h // hkv, t, s) * scale  # [Hkv, G, T, S]
     if t > 1:  # query i sits at position start + i and sees keys 0..start+i
         future = torch.arange(s, device=q.device)[None, :] > (start + torch.arange(t, device=q.device))[:, None]
         scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).float().view(hkv, -1, s)  # [Hkv, G*T, S]
-    out = torch.bmm(probs, v.float()).view(h, t, dh)  # [H, T, Dh]
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).to(acc).view(hkv, -1, s)  # [Hkv, G*T, S]
+    out = torch.bmm(probs, v.to(acc)).view(h, t, dh)  # [H, T, Dh]
     return out.transpose(0, 1).reshape(t, h * dh).to(q.dtype)
 
 

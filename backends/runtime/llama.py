@@ -18,7 +18,7 @@ from moechat.backends.runtime.config import ModelArgs
 from moechat.backends.runtime.experts import ExpertBackend, ExpertStore, route
 from moechat.backends.runtime.gguf_weights import GGUFWeights
 from moechat.backends.runtime.kv_cache import KVCache
-from moechat.backends.runtime.layers import Linear, Rope, attention, rms_norm, swiglu
+from moechat.backends.runtime.layers import Linear, Rope, attention, linear_group, rms_norm, swiglu
 from moechat.kernels.ggml import CpuBackend
 
 
@@ -33,6 +33,9 @@ class LayerWeights:
     router: Linear | None  # D -> E (MoE layers)
     ffn: tuple[Linear, Linear, Linear] | None  # dense gate, up, down
     extra: dict  # architecture-specific tensors (q/k norms, shared expert ...)
+
+    def __post_init__(self):
+        self.qkv = linear_group([self.wq, self.wk, self.wv])  # x -> [q, k, v], one ggml call
 
 
 class Model:
@@ -59,7 +62,7 @@ class Model:
 
     def linear(self, name: str) -> Linear:
         bias = self.optional(name.replace(".weight", ".bias"))
-        return Linear(self.weights.raw(name), bias, self.device, self.dtype, self.cpu)
+        return Linear(self.weights.raw(name), bias, self.device, self.dtype, self.cpu, self.weights.release)
 
     def load_layer(self, i: int) -> LayerWeights:
         p = f"blk.{i}."
@@ -102,9 +105,10 @@ class Model:
 
     def attention(self, i: int, layer: LayerWeights, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         a, t = self.args, x.shape[0]
-        q = layer.wq(x).view(t, a.n_heads, a.head_dim)  # [T, H, Dh]
-        k = layer.wk(x).view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, Dh]
-        v = layer.wv(x).view(t, a.n_kv_heads, a.head_dim)
+        q, k, v = layer.qkv(x)
+        q = q.view(t, a.n_heads, a.head_dim)  # [T, H, Dh]
+        k = k.view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, Dh]
+        v = v.view(t, a.n_kv_heads, a.head_dim)
         q, k = self.qk_norm(layer, q, k)
         q, k = self.rope(q, start), self.rope(k, start)
         k_all, v_all = cache.update(i, start, k, v)  # [Hkv, S, Dh]

@@ -11,10 +11,10 @@ import importlib
 
 import torch
 
-from moechat.backends.model_card import read_model_card
 from moechat.backends.runtime.config import model_args
 from moechat.backends.runtime.experts import ExpertBackend, ExpertStore, GgmlExperts, TorchExperts
 from moechat.backends.runtime.gguf_weights import GGUFWeights
+from moechat.kernels.dequant import type_name
 from moechat.kernels.ggml import CpuBackend
 
 ARCH_MODULES = {"llama": "llama", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}
@@ -37,12 +37,9 @@ def load_model(path, device: str = "cpu", dtype: torch.dtype | None = None, thre
     dequantized-torch path on the CPU too (how the GPU code path is tested without a GPU)."""
     from moechat.backends.llamacpp_engine import default_threads
 
-    card = read_model_card(path)
-    weights = GGUFWeights(card.path)
-    args = model_args(card, weights.metadata)
-    for name, t in weights.tensors.items():  # refuse unsupported quant types by name, up front
-        from moechat.kernels.dequant import type_name
-
+    weights = GGUFWeights(path)
+    args = model_args(weights.metadata, weights.tensors)
+    for t in weights.tensors.values():  # refuse unsupported quant types by name, up front
         type_name(t.ggml_type)
     kernels = kernels or ("ggml" if device == "cpu" else "torch")
     assert kernels in ("ggml", "torch"), kernels
@@ -55,5 +52,5 @@ def load_model(path, device: str = "cpu", dtype: torch.dtype | None = None, thre
         cpu = None  # dense layers dequantized to torch too
     module = importlib.import_module(f"moechat.backends.runtime.{ARCH_MODULES[args.arch]}")
     model = module.Model(args, weights, store, expert_backend, device, dtype, cpu, max_tokens)
-    model.card = card
+    model.path = weights.path
     return model

@@ -10,7 +10,7 @@ import torch
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> int:
     """logits [V] -> one token id. temperature 0 is greedy (argmax); top_k 0 keeps all."""
-    logits = logits.float()
+    logits = logits.float().cpu()  # [V]: cheap, and the generator lives on the CPU
     if temperature <= 0:
         return int(torch.argmax(logits))
     if 0 < top_k < logits.shape[-1]:

@@ -1,0 +1,39 @@
+"""Open a model for the TUI (runs in a worker thread): resolve the spec, read its card,
+open the engine through the backend manager, reporting each stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    engine: str = "auto"
+    n_cpu_moe: int | None = None
+    ctx: int | None = None
+    threads: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    engine: Any  # an Engine (backends/engine.py)
+    name: str
+    card: Any = None  # the ModelCard, for the plan screen
+
+
+def open_model(spec: str | None, options: EngineOptions,
+               progress: Callable[[str], None]) -> LoadedModel:
+    from moechat.backends.manager import open_engine
+    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model_resolve import resolve_model
+
+    progress(f"finding {spec}" if spec else
+             "preparing the demo model (built once on first run, about 20 s)")
+    path = resolve_model(spec, progress=False)
+    progress(f"reading {path.name}")
+    card = read_model_card(path)
+    progress(f"loading {card.name} ({options.engine} engine)")
+    engine = open_engine(card, options.engine, n_cpu_moe=options.n_cpu_moe, n_ctx=options.ctx,
+                         threads=options.threads)
+    return LoadedModel(engine, card.name, card)

@@ -1,0 +1,309 @@
+"""Cost model: predict each placement's speed and memory from a model card and a profile.
+
+Pure functions on plain data (no torch, no model loading), so the planner can be tested on
+recorded profiles of machines we do not have. The equations, and where every constant comes
+from, are in docs/cost-model.md. In short, at batch 1 every weight byte a token needs is read
+once, from wherever it lives:
+
+    t_decode = sum over tensors of  bytes read per token / bandwidth of the tier holding it
+             + bytes over PCIe per token / measured host->device bandwidth   (HOBBIT misses)
+             + per-token and per-layer overheads (graph dispatch, thread barriers, hand-offs)
+    t_prefill per token = flops per token / compute rate
+             + weights copied to the GPU per micro-batch / (H2D bandwidth x micro-batch)
+
+Legend: L layers, E experts per layer, A experts used per token, N layers whose experts stay
+in RAM (`--n-cpu-moe N`), G layers on the GPU (`-ngl G`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# ---- constants (docs/cost-model.md says where each comes from) -------------------------------
+MIB = 1024**2
+RUNTIME_OVERHEAD_BYTES = 256 * MIB  # Python, llama.cpp context, tokenizer (as manager.py)
+VRAM_RESERVE_BYTES = 400 * MIB  # CUDA context + fragmentation headroom per GPU
+RAM_HEADROOM = 0.90  # plan to use at most 90% of the RAM available now
+UNIFIED_GPU_FRACTION = 0.75  # Metal's default working-set cap on unified memory
+N_UBATCH = 512  # llama.cpp micro-batch (prefill chunk)
+CPU_TOKEN_OVERHEAD_S = 4.0e-3  # llama_decode's per-token graph build/scheduling + Python eval (fitted here)
+OPS_PER_LAYER = 30  # compute nodes of one llama.cpp MoE layer (norms, q/k/v/o, rope, attention, router, experts)
+OPS_PER_TOKEN = 8  # outside the layers: embedding lookup, output norm and projection
+EXPERT_OPS_PER_LAYER = 10  # the expert part of a layer (router, top-k, 3 mul_mat_id, glu, weighting, sum)
+GPU_TOKEN_OVERHEAD_S = 1.0e-3  # graph build + launch + logits copy (estimate, GPU rows open)
+GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer (estimate)
+HANDOFF_S = 30e-6  # one GPU<->CPU activation hand-off (PCIe latency + sync), estimate
+TORCH_LAYER_OVERHEAD_S = 200e-6  # Python + torch dispatch per layer for the torch engines
+CPU_PREFILL_EFFICIENCY = 0.6  # ggml quantized GEMM vs measured float32 BLAS rate (fitted)
+GPU_PREFILL_EFFICIENCY = 0.35  # achieved / peak fp16 matmul at batch 512 (estimate)
+HOBBIT_LOW_BITS = 2.0  # bits of a low-precision expert copy loaded on a miss (paper: INT2/INT4)
+FALLBACK_GPU_MEM_GBS = 300.0  # when a profile lacks measured GPU bandwidth
+FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured
+
+# GGUF type -> the measured matvec type whose rate stands in for it (same kernel family).
+RATE_FAMILY = {
+    "Q4_0": "Q4_0", "Q4_1": "Q4_0", "Q5_0": "Q4_0", "Q5_1": "Q4_0", "IQ4_NL": "Q4_0", "MXFP4": "Q4_0",
+    "Q8_0": "Q8_0", "Q8_1": "Q8_0",
+    "Q2_K": "Q4_K", "Q3_K": "Q4_K", "Q4_K": "Q4_K", "Q5_K": "Q4_K", "Q6_K": "Q4_K", "IQ4_XS": "Q4_K",
+    "F16": "F16", "BF16": "F16", "F32": "F16",
+}
+BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5,
+        "Q5_1": 6, "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5, "Q3_K": 3.4375, "Q2_K": 2.625, "MXFP4": 4.25}
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where the weights live. kind: "cpu" (all in RAM), "gpu" (all in VRAM), "layers"
+    (`-ngl G`: the last G layers on the GPU), "moe" (`--n-cpu-moe N`: all on the GPU but the
+    experts of layers < N), "fiddler" / "hobbit" (`n` experts per layer resident on the GPU)."""
+
+    kind: str
+    n: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Expert hit rates: expert_freq[layer][e] = fraction of that layer's routed picks that go
+    to expert e (each row sums to 1). Uniform when unknown."""
+
+    expert_freq: tuple[tuple[float, ...], ...] = ()
+
+    def resident_hit_rate(self, layer: int, n_resident: int, n_experts: int) -> float:
+        """Fraction of picks served by the n_resident most popular experts of a layer."""
+        if n_experts <= 0:
+            return 1.0
+        n_resident = max(0, min(n_resident, n_experts))
+        if layer >= len(self.expert_freq) or not self.expert_freq[layer]:
+            return n_resident / n_experts
+        freq = sorted(self.expert_freq[layer], reverse=True)
+        total = sum(freq) or 1.0
+        return sum(freq[:n_resident]) / total
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    prefill_tok_s: float
+    decode_tok_s: float
+    ram_bytes: int
+    vram_bytes: int
+    decode_terms: dict[str, float] = field(default_factory=dict)  # seconds per token, by term
+
+
+# ---- bytes ----------------------------------------------------------------------------------
+
+
+def kv_bytes(card, n_ctx: int) -> int:
+    return card.kv_bytes_per_token * n_ctx
+
+
+def compute_buffer_bytes(card) -> int:
+    """llama.cpp's compute buffer at a 512-token micro-batch: logits + the widest activation."""
+    widest = max(card.ffn_size, card.expert_ffn_size * max(1, card.n_experts_used), card.hidden_size * 4)
+    return N_UBATCH * 4 * (card.vocab_size + 2 * widest)
+
+
+def layer_bytes(card, layer: int) -> int:
+    return sum(t.n_bytes for t in card.tensors if t.layer == layer)
+
+
+def non_layer_bytes(card) -> int:
+    return sum(t.n_bytes for t in card.tensors if t.layer is None)
+
+
+def read_bytes_per_token(card, t) -> float:
+    """Bytes of tensor t read to decode one token (uniform routing for expert tensors)."""
+    if t.is_expert:
+        return t.n_bytes * card.n_experts_used / max(1, card.n_experts)
+    if t.name == "token_embd.weight":
+        tied = card.tensor("output.weight") is None
+        return t.n_bytes if tied else card.embedding_read_bytes_per_token
+    return t.n_bytes
+
+
+def params_per_token(card) -> float:
+    """Multiply-adds per decoded token (= weights touched, experts at A/E), for the flop count."""
+    total = 0.0
+    for t in card.tensors:
+        n = 1
+        for d in t.shape:
+            n *= d
+        if t.name == "token_embd.weight" and card.tensor("output.weight") is not None:
+            continue  # a lookup, not a matmul
+        total += n * card.n_experts_used / card.n_experts if t.is_expert else n
+    return total
+
+
+# ---- rates ----------------------------------------------------------------------------------
+
+
+def cpu_rate_gbs(profile, type_name: str) -> float:
+    """CPU bytes/s for a weight of this type at batch 1: the measured ggml matvec rate of its
+    kernel family, never above the measured RAM read bandwidth."""
+    rates = profile.cpu_matvec_gbs or {}
+    rate = rates.get(RATE_FAMILY.get(type_name, "Q4_K")) or rates.get("Q4_0") or profile.ram_read_gbs
+    return min(rate, profile.ram_read_gbs) if profile.ram_read_gbs else rate
+
+
+def gpu_mem_gbs(profile) -> float:
+    if not profile.gpus:
+        return 0.0
+    g = profile.gpus[0]
+    if g.unified:
+        return g.mem_gbs or profile.ram_read_gbs
+    return g.mem_gbs or FALLBACK_GPU_MEM_GBS
+
+
+def h2d_gbs(profile) -> float:
+    if not profile.gpus:
+        return 0.0
+    g = profile.gpus[0]
+    if g.h2d_gbs:
+        return g.h2d_gbs
+    if g.pcie_gen and g.pcie_width:  # nominal per-lane GB/s x width x ~80% achieved
+        per_lane = {3: 0.985, 4: 1.969, 5: 3.938}.get(g.pcie_gen, 0.985)
+        return per_lane * g.pcie_width * 0.8
+    return FALLBACK_H2D_GBS
+
+
+def gpu_capacity_bytes(profile) -> int:
+    """VRAM the planner may fill: free VRAM less a reserve; on unified memory, a share of RAM."""
+    if not profile.gpus:
+        return 0
+    if profile.gpus[0].unified:
+        return int(profile.ram.total_bytes * UNIFIED_GPU_FRACTION)
+    return max(0, sum(g.vram_free_bytes - VRAM_RESERVE_BYTES for g in profile.gpus))
+
+
+def ram_capacity_bytes(profile) -> int:
+    return int(profile.ram.available_bytes * RAM_HEADROOM)
+
+
+# ---- placement -> where each tensor lives -----------------------------------------------------
+
+
+def on_gpu(card, t, placement: Placement) -> bool:
+    kind, n = placement.kind, placement.n
+    if kind == "cpu":
+        return False
+    if t.name == "token_embd.weight":  # llama.cpp keeps the input embedding on the CPU
+        return False
+    if kind == "gpu":
+        return True
+    if kind == "layers":
+        if t.layer is None:
+            return n > card.n_layers  # output goes to the GPU only with -ngl > L
+        return t.layer >= card.n_layers - n
+    if kind == "moe":
+        return not (t.is_expert and t.layer is not None and t.layer < n)
+    # fiddler / hobbit: dense weights on the GPU; experts are split per expert (below)
+    return not t.is_expert
+
+
+def memory(card, placement: Placement, n_ctx: int) -> tuple[int, int]:
+    """(RAM bytes, VRAM bytes) needed: weights where they live, KV cache and buffers."""
+    kv = kv_bytes(card, n_ctx)
+    if placement.kind == "cpu":
+        return card.tensor_bytes + kv + compute_buffer_bytes(card) + RUNTIME_OVERHEAD_BYTES, 0
+    ram = vram = 0
+    for t in card.tensors:
+        if placement.kind in ("fiddler", "hobbit") and t.is_expert:
+            resident = t.n_bytes * placement.n / max(1, card.n_experts)
+            vram += resident
+            ram += t.n_bytes if placement.kind == "fiddler" else t.n_bytes - resident
+            continue
+        if on_gpu(card, t, placement):
+            vram += t.n_bytes
+        else:
+            ram += t.n_bytes
+    if placement.kind == "layers":
+        kv_gpu = kv * min(placement.n, card.n_layers) // max(1, card.n_layers)
+        ram += kv - kv_gpu + compute_buffer_bytes(card) // 4
+        vram += kv_gpu
+    else:
+        vram += kv
+    vram += compute_buffer_bytes(card)
+    return int(ram + RUNTIME_OVERHEAD_BYTES), int(vram)
+
+
+# ---- speed ----------------------------------------------------------------------------------
+
+
+def predict(card, profile, placement: Placement, routing: Routing | None = None,
+            n_ctx: int = 4096, n_past: int = 0) -> Prediction:
+    """Predicted prefill/decode tok/s and memory of one placement on one machine."""
+    routing = routing or Routing()
+    ram, vram = memory(card, placement, n_ctx)
+    terms: dict[str, float] = {}
+
+    def add(term: str, seconds: float) -> None:
+        if seconds:
+            terms[term] = terms.get(term, 0.0) + seconds
+
+    gpu_gbs, link_gbs = gpu_mem_gbs(profile), h2d_gbs(profile)
+    uses_gpu = placement.kind != "cpu"
+    if uses_gpu and not profile.gpus:  # nothing to predict: the planner marks it unfit
+        return Prediction(0.0, 0.0, ram, vram)
+    for t in card.tensors:
+        nbytes = read_bytes_per_token(card, t)
+        if t.is_expert and placement.kind in ("fiddler", "hobbit"):
+            hit = routing.resident_hit_rate(t.layer or 0, placement.n, card.n_experts)
+            add("experts in VRAM", nbytes * hit / (gpu_gbs * 1e9))
+            if placement.kind == "fiddler":
+                add("experts in RAM (CPU)", nbytes * (1 - hit) / (cpu_rate_gbs(profile, t.type_name) * 1e9))
+            else:
+                low = HOBBIT_LOW_BITS / BITS.get(t.type_name, 4.5)
+                add("expert misses over PCIe", nbytes * (1 - hit) * min(1.0, low) / (link_gbs * 1e9))
+        elif uses_gpu and on_gpu(card, t, placement):
+            add("weights in VRAM", nbytes / (gpu_gbs * 1e9))
+        else:
+            add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
+    add("KV cache", kv_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
+    _add_overheads(card, profile, placement, add)
+    decode_s = sum(terms.values())
+    return Prediction(
+        prefill_tok_s=1.0 / prefill_seconds_per_token(card, profile, placement, routing),
+        decode_tok_s=1.0 / decode_s,
+        ram_bytes=ram,
+        vram_bytes=vram,
+        decode_terms=terms,
+    )
+
+
+def cpu_layer_overhead_s(profile) -> float:
+    """Per-layer CPU overhead: ops per layer x the profile's measured cost per ggml op."""
+    return OPS_PER_LAYER * profile.cpu_op_s
+
+
+def _add_overheads(card, profile, placement: Placement, add) -> None:
+    L, kind = card.n_layers, placement.kind
+    if kind == "cpu":
+        add("overheads", CPU_TOKEN_OVERHEAD_S + OPS_PER_TOKEN * profile.cpu_op_s + L * cpu_layer_overhead_s(profile))
+        return
+    add("overheads", GPU_TOKEN_OVERHEAD_S + L * GPU_LAYER_OVERHEAD_S)
+    if kind == "moe":  # each CPU-expert layer: CPU ops + two activation hand-offs
+        n = min(placement.n, len(card.expert_layers))
+        add("overheads", n * (EXPERT_OPS_PER_LAYER * profile.cpu_op_s + 2 * HANDOFF_S))
+    elif kind == "layers":
+        cpu_layers = max(0, L - placement.n)
+        add("overheads", cpu_layers * cpu_layer_overhead_s(profile) + (HANDOFF_S if 0 < cpu_layers < L else 0))
+    elif kind in ("fiddler", "hobbit"):
+        add("overheads", L * (TORCH_LAYER_OVERHEAD_S + (2 * HANDOFF_S if kind == "fiddler" else 0)))
+
+
+def prefill_seconds_per_token(card, profile, placement: Placement, routing: Routing) -> float:
+    """Compute-bound at a 512-token micro-batch; with a GPU, weights that live in RAM are
+    copied over PCIe once per micro-batch (llama.cpp's op offload; Fiddler/HOBBIT load misses)."""
+    flops = 2 * params_per_token(card)
+    cpu_flops = max(profile.cpu_gflops, 1.0) * 1e9 * CPU_PREFILL_EFFICIENCY
+    if placement.kind == "cpu" or not profile.gpus:
+        # every weight is streamed from RAM once per micro-batch as well
+        return flops / cpu_flops + card.tensor_bytes / (profile.ram_read_gbs * 1e9) / N_UBATCH
+    g = profile.gpus[0]
+    gpu_flops = (g.tflops or 20.0) * 1e12 * GPU_PREFILL_EFFICIENCY
+    copied = 0
+    for t in card.tensors:
+        if placement.kind in ("fiddler", "hobbit") and t.is_expert:
+            copied += t.n_bytes * (1 - placement.n / max(1, card.n_experts))
+        elif not on_gpu(card, t, placement) and t.name != "token_embd.weight":
+            copied += t.n_bytes
+    return flops / gpu_flops + copied / (h2d_gbs(profile) * 1e9) / N_UBATCH

@@ -1,0 +1,39 @@
+"""Chat templates from model files render in a sandbox."""
+
+from __future__ import annotations
+
+import pytest
+
+from moechat.backends.chat_template import render_chat
+from moechat.backends.errors import MoechatError
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_chatml_fallback():
+    assert render_chat(None, MESSAGES) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_with_bos_and_generation_prompt():
+    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant]{% endif %}"
+    assert render_chat(template, MESSAGES, bos_token="<s>") == "<s>[user]hi[assistant]"
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__.__init__.__globals__ }}",
+        "{% set x = messages.append({'role': 'x'}) %}",
+        "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    ],
+)
+def test_template_reaching_for_python_internals_fails_clearly(evil):
+    with pytest.raises(MoechatError, match="unsafe|chat template"):
+        render_chat(evil, MESSAGES)
+
+
+def test_template_raise_exception_is_a_clear_error():
+    with pytest.raises(MoechatError, match="only user and assistant"):
+        render_chat("{{ raise_exception('only user and assistant roles') }}", MESSAGES)

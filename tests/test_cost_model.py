@@ -1,0 +1,109 @@
+"""Cost model equations on real geometries (no model loaded, no timing)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moechat.app.hardware_profile import read_profile  # noqa: E402
+from moechat.backends import cost_model as cm  # noqa: E402
+from tests.fixtures.random_geometry import geometry_card  # noqa: E402
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+@pytest.fixture(scope="module")
+def rtx4090():
+    return read_profile(PROFILES / "desktop-4090-ddr5.json")
+
+
+@pytest.fixture(scope="module")
+def laptop():
+    return read_profile(PROFILES / "laptop-ddr5-nogpu.json")
+
+
+def test_cpu_decode_is_bytes_over_measured_rate_plus_overheads(laptop):
+    card = geometry_card("olmoe-1b-7b", qtype="Q4_0")
+    p = cm.predict(card, laptop, cm.Placement("cpu"))
+    # every tensor here is Q4_0 (rows of 1024/2048 columns) or F32 norms/routers
+    q4 = sum(cm.read_bytes_per_token(card, t) for t in card.tensors if t.type_name == "Q4_0")
+    f32 = sum(cm.read_bytes_per_token(card, t) for t in card.tensors if t.type_name == "F32")
+    expected = (q4 / (laptop.cpu_matvec_gbs["Q4_0"] * 1e9) + f32 / (laptop.cpu_matvec_gbs["F16"] * 1e9)
+                + cm.CPU_TOKEN_OVERHEAD_S + (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER) * laptop.cpu_op_s)
+    assert 1 / p.decode_tok_s == pytest.approx(expected, rel=1e-3)
+    assert p.vram_bytes == 0
+    assert p.ram_bytes > card.tensor_bytes
+
+
+def test_measured_op_cost_scales_the_overheads(laptop):
+    import dataclasses
+
+    card = geometry_card("olmoe-1b-7b", qtype="Q4_0")
+    quiet = cm.predict(card, laptop, cm.Placement("cpu"))
+    busy = cm.predict(card, dataclasses.replace(laptop, cpu_op_s=laptop.cpu_op_s * 10), cm.Placement("cpu"))
+    extra = busy.decode_terms["overheads"] - quiet.decode_terms["overheads"]
+    assert extra == pytest.approx(9 * laptop.cpu_op_s * (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER))
+    assert busy.decode_terms["weights in RAM (CPU)"] == quiet.decode_terms["weights in RAM (CPU)"]
+
+
+def test_experts_read_at_top_k_over_e(laptop):
+    card = geometry_card("qwen3-30b-a3b", n_layers=2, qtype="Q4_0")
+    expert = next(t for t in card.tensors if t.is_expert)
+    assert cm.read_bytes_per_token(card, expert) == pytest.approx(expert.n_bytes * 8 / 128)
+    embd = card.tensor("token_embd.weight")
+    assert cm.read_bytes_per_token(card, embd) == embd.n_bytes // card.vocab_size  # a lookup
+
+
+def test_more_experts_in_ram_is_slower_and_needs_less_vram(rtx4090):
+    card = geometry_card("mixtral-8x7b", qtype="Q4_0")
+    preds = [cm.predict(card, rtx4090, cm.Placement("moe", n)) for n in (0, 4, 8, 16, 32)]
+    decode = [p.decode_tok_s for p in preds]
+    vram = [p.vram_bytes for p in preds]
+    ram = [p.ram_bytes for p in preds]
+    assert decode == sorted(decode, reverse=True)
+    assert vram == sorted(vram, reverse=True) and ram == sorted(ram)
+    # moving the experts of one layer moves exactly that layer's expert bytes
+    assert vram[0] - vram[1] == 4 * card.expert_bytes_of_layer(0)
+    gpu = cm.predict(card, rtx4090, cm.Placement("gpu"))
+    cpu = cm.predict(card, rtx4090, cm.Placement("cpu"))
+    assert gpu.decode_tok_s > preds[-1].decode_tok_s > cpu.decode_tok_s
+
+
+def test_gpu_decode_is_bound_by_vram_bandwidth(rtx4090):
+    card = geometry_card("qwen3-30b-a3b", qtype="Q4_K")
+    p = cm.predict(card, rtx4090, cm.Placement("gpu"))
+    bound = rtx4090.gpus[0].mem_gbs * 1e9 / card.active_bytes_per_token
+    assert p.decode_tok_s < bound  # overheads only subtract
+    embd_row = card.embedding_read_bytes_per_token  # the input embedding stays in RAM
+    vram_term = (card.active_bytes_per_token - embd_row) / (rtx4090.gpus[0].mem_gbs * 1e9)
+    assert p.decode_terms["weights in VRAM"] == pytest.approx(vram_term, rel=1e-6)
+    assert p.ram_bytes < card.tensor("token_embd.weight").n_bytes + 2 * cm.RUNTIME_OVERHEAD_BYTES
+
+
+def test_routing_skew_raises_fiddler_hit_rate(rtx4090):
+    card = geometry_card("mixtral-8x7b", qtype="Q4_0")
+    uniform = cm.predict(card, rtx4090, cm.Placement("fiddler", 4))
+    skew = cm.Routing(tuple((0.4, 0.3, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01) for _ in range(32)))
+    assert skew.resident_hit_rate(0, 4, 8) == pytest.approx(0.9)
+    assert cm.Routing().resident_hit_rate(0, 4, 8) == pytest.approx(0.5)
+    skewed = cm.predict(card, rtx4090, cm.Placement("fiddler", 4), routing=skew)
+    assert skewed.decode_tok_s > uniform.decode_tok_s
+
+
+def test_kv_cache_grows_memory_with_context(laptop):
+    card = geometry_card("mixtral-8x7b", n_layers=4, qtype="Q4_0")
+    small = cm.predict(card, laptop, cm.Placement("cpu"), n_ctx=1024)
+    big = cm.predict(card, laptop, cm.Placement("cpu"), n_ctx=32768)
+    assert big.ram_bytes - small.ram_bytes == card.kv_bytes_per_token * (32768 - 1024)
+
+
+def test_cost_model_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys; import moechat.backends.cost_model, moechat.backends.planner; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

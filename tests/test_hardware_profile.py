@@ -1,0 +1,129 @@
+"""Hardware profile: facts, the cache, the `profile` command, and the measurement kernels
+(on small arrays: these check that they measure, not how fast this machine is)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moechat.app import hardware_profile as hp
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECHAT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_facts_match_psutil():
+    import psutil
+
+    cpu = hp.cpu_facts()
+    assert cpu.logical_cores == psutil.cpu_count()
+    assert 1 <= cpu.usable_cores <= cpu.logical_cores
+    assert set(cpu.isa) <= set(hp.ISA_FLAGS)
+    assert cpu.llc_bytes >= 256 * 1024
+    facts = hp.facts_profile()
+    assert facts.ram.total_bytes == psutil.virtual_memory().total
+    assert "nominal" in facts.sources["*"]
+
+
+def test_ram_read_measures_bytes_over_time(monkeypatch):
+    calls = []
+    real = hp._best_time
+
+    def spy(fn, seconds, *args):
+        t = real(fn, seconds, *args)
+        calls.append(t)
+        return t
+
+    monkeypatch.setattr(hp, "_best_time", spy)
+    monkeypatch.setattr(hp, "MIN_STREAM_BYTES", 16 * 1024**2)
+    gbs = hp.measure_ram_read_gbs(threads=2, llc_bytes=1024**2, seconds=0.05)
+    assert gbs == pytest.approx(16 * 1024**2 / calls[0] / 1e9)
+    assert gbs > 0
+
+
+def test_ggml_matvec_rate_covers_every_type(monkeypatch):
+    monkeypatch.setattr(hp, "MIN_MATVEC_BYTES", 4 * 1024**2)
+    monkeypatch.setattr(hp, "_llc_bytes", lambda: 256 * 1024)
+    rates, source = hp.measure_cpu_matvec_gbs(threads=1)
+    assert set(rates) == set(hp.MATVEC_QTYPES)
+    assert all(r > 0 for r in rates.values())
+    assert "ggml" in source
+
+
+def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():
+    import numpy as np
+
+    from moechat.kernels import ggml
+
+    backend = ggml.CpuBackend(2)
+    x = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+    try:
+        for qtype in ("Q4_0", "Q4_K"):
+            w, dense = ggml.random_quant_weight(qtype, 64, 512)
+            if not ggml.can_repack(w, ggml.REPACK_TYPES):
+                pytest.skip("this CPU/build does not repack")
+            matvec = ggml.QuantLinear(ggml.maybe_repack(w, ggml.REPACK_TYPES), backend)
+            try:
+                y, ref = matvec(x), dense @ x
+            finally:
+                matvec.close()
+            # ggml quantizes x to Q8 before the dot product (~1e-2 relative), as llama.cpp does
+            assert np.abs(y - ref).max() < 2e-2 * np.abs(ref).max()
+        assert not ggml.can_repack(ggml.random_quant_weight("Q8_0", 64, 512)[0], ggml.REPACK_TYPES)
+        assert not ggml.can_repack(ggml.random_quant_weight("Q4_0", 60, 512)[0], ggml.REPACK_TYPES)
+    finally:
+        backend.close()
+    assert 0 < hp.measure_cpu_op_s(1, seconds=0.05) < 0.1
+
+
+def test_profile_is_cached_and_reused(cache, monkeypatch):
+    recorded = hp.read_profile(PROFILES / "desktop-3060-ddr4.json")
+    measured = []
+    monkeypatch.setattr(hp, "measure_profile", lambda progress=None: measured.append(1) or recorded)
+    first = hp.load_profile()
+    second = hp.load_profile()
+    assert measured == [1]  # measured once, then read from the cache
+    assert second.ram_read_gbs == first.ram_read_gbs == recorded.ram_read_gbs
+    hp.load_profile(refresh=True)
+    assert measured == [1, 1]
+    hp.profile_path().write_text("{damaged")
+    hp.load_profile()
+    assert measured == [1, 1, 1]  # a damaged cache is re-measured, not fatal
+
+
+def test_profile_command_json_from_cache(cache):
+    recorded = hp.read_profile(PROFILES / "desktop-4090-ddr5.json")
+    env = {"MOECHAT_CACHE_DIR": str(cache)}
+    code = ("from moechat.app import hardware_profile as hp; import sys, json; "
+            "hp.write_profile(hp.HardwareProfile.from_dict(json.load(open(sys.argv[1]))), hp.profile_path())")
+    import os
+
+    env = dict(os.environ, **env)
+    subprocess.run([sys.executable, "-c", code, str(PROFILES / "desktop-4090-ddr5.json")], check=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "moechat.app.cli", "profile", "--json"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"cpu", "ram", "gpus", "ram_read_gbs"} <= set(out)
+    assert out["ram_read_gbs"] == recorded.ram_read_gbs  # from the cache, not re-measured
+    r = subprocess.run([sys.executable, "-m", "moechat.app.cli", "profile"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert "RAM read" in r.stdout and "RTX 4090" in r.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_bandwidths_measured_with_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    gpus = hp.measure_gpus(hp.gpu_facts())
+    assert gpus and all(g.h2d_gbs > 0 and g.mem_gbs > 0 for g in gpus)
