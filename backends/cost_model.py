@@ -37,6 +37,13 @@ TORCH_LAYER_OVERHEAD_S = 200e-6  # Python + torch dispatch per layer for the tor
 CPU_PREFILL_EFFICIENCY = 0.6  # ggml quantized GEMM vs measured float32 BLAS rate (fitted)
 GPU_PREFILL_EFFICIENCY = 0.35  # achieved / peak fp16 matmul at batch 512 (estimate)
 HOBBIT_LOW_BITS = 2.0  # bits of a low-precision expert copy loaded on a miss (paper: INT2/INT4)
+HOBBIT_HIGH_SHARE = 0.67  # share of misses loaded in the file's precision (HOBBIT §3.2, Mixtral)
+
+
+def _hobbit_low_bits(type_name: str) -> float:
+    """The engine's low copy (backends/offload/low_copies.py, --hobbit-low auto): groupwise
+    int4 (5 bits/weight with fp16 scale + min per 32) or int2 (3 bits) for files under 5 bits."""
+    return 3.0 if BITS.get(type_name, 4.5) < 5 else 5.0
 FALLBACK_GPU_MEM_GBS = 300.0  # when a profile lacks measured GPU bandwidth
 FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured
 
@@ -243,20 +250,30 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
     uses_gpu = placement.kind != "cpu"
     if uses_gpu and not profile.gpus:  # nothing to predict: the planner marks it unfit
         return Prediction(0.0, 0.0, ram, vram)
+    fiddler_layers: dict[int, list[float]] = {}  # layer -> [GPU s, CPU s]: overlapped per layer
     for t in card.tensors:
         nbytes = read_bytes_per_token(card, t)
         if t.is_expert and placement.kind in ("fiddler", "hobbit"):
             hit = routing.resident_hit_rate(t.layer or 0, placement.n, card.n_experts)
-            add("experts in VRAM", nbytes * hit / (gpu_gbs * 1e9))
             if placement.kind == "fiddler":
-                add("experts in RAM (CPU)", nbytes * (1 - hit) / (cpu_rate_gbs(profile, t.type_name) * 1e9))
+                # the engine runs decode misses on a CPU worker while the GPU computes its
+                # resident experts (backends/offload/fiddler_experts.py): per layer, the max
+                side = fiddler_layers.setdefault(t.layer or 0, [0.0, 0.0])
+                side[0] += nbytes * hit / (gpu_gbs * 1e9)
+                side[1] += nbytes * (1 - hit) / (cpu_rate_gbs(profile, t.type_name) * 1e9)
             else:
-                low = HOBBIT_LOW_BITS / BITS.get(t.type_name, 4.5)
-                add("expert misses over PCIe", nbytes * (1 - hit) * min(1.0, low) / (link_gbs * 1e9))
+                add("experts in VRAM", nbytes * hit / (gpu_gbs * 1e9))
+                # a miss loads the file's weights for the important experts (the top-1
+                # always) and the low copy for the rest (HOBBIT: 67% / 33% on Mixtral)
+                low = min(1.0, _hobbit_low_bits(t.type_name) / BITS.get(t.type_name, 4.5))
+                share = HOBBIT_HIGH_SHARE + (1 - HOBBIT_HIGH_SHARE) * low
+                add("expert misses over PCIe", nbytes * (1 - hit) * share / (link_gbs * 1e9))
         elif uses_gpu and on_gpu(card, t, placement):
             add("weights in VRAM", nbytes / (gpu_gbs * 1e9))
         else:
             add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
+    for gpu_s, cpu_s in fiddler_layers.values():
+        add("experts GPU ‖ CPU (overlapped)", max(gpu_s, cpu_s))
     add("KV cache", kv_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
     _add_overheads(card, profile, placement, add)
     decode_s = sum(terms.values())

@@ -134,3 +134,14 @@ def test_planner_decode_estimate_matches_trace_replay(demo_trace, machine):
     # the closed form assumes independent misses; the replay sees them as they came
     assert per_token == pytest.approx(run.overlapped_seconds / trace.n_tokens, rel=0.1)
     assert decode_expert_seconds(machine, MIXTRAL_Q4, 1.0, 1, 2) < decode_expert_seconds(machine, MIXTRAL_Q4, 0.0, 1, 2)
+
+
+def test_planner_offload_availability_needs_torch_and_cuda():
+    from types import SimpleNamespace
+
+    from moechat.backends.planner import offload_engines_available
+
+    cuda = SimpleNamespace(gpus=(SimpleNamespace(backend="cuda"),))
+    assert offload_engines_available(cuda)  # torch is installed here
+    assert not offload_engines_available(SimpleNamespace(gpus=(SimpleNamespace(backend="mps"),)))
+    assert not offload_engines_available(SimpleNamespace(gpus=()))
