@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "measure prefill/decode speed, time to first token, memory and % of the bandwidth roofline"
+HELP = "measure prefill/decode speed, time to first token, memory and %% of the bandwidth roofline"
 
 
 def add_arguments(parser) -> None:
