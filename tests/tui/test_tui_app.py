@@ -204,8 +204,21 @@ async def test_rename_delete_and_settings(make_app, tmp_path, monkeypatch):
         assert app.cid is None and texts(app) == []
 
 
-async def test_help_and_plan_screens(make_app):
-    app = make_app()
+async def test_help_and_plan_screens(tiny_model, monkeypatch):
+    """F1 lists the keys; F9 shows the planner's plan for the loaded model's card, here on a
+    recorded consumer machine profile (so the test measures nothing)."""
+    from pathlib import Path
+
+    from moechat.app import hardware_profile
+    from moechat.app.tui.app import MoechatApp
+    from moechat.app.tui.model_loader import LoadedModel
+    from moechat.backends.model_card import read_model_card
+
+    profile = hardware_profile.read_profile(Path(__file__).parents[1] / "profiles" / "desktop-3060-ddr4.json")
+    monkeypatch.setattr(hardware_profile, "load_profile", lambda refresh=False: profile)
+    card = read_model_card(tiny_model("llama-moe"))
+    engine = FakeEngine(["ok"])
+    app = MoechatApp(open_model=lambda spec, options, progress: LoadedModel(engine, "tiny", card))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("f1")
@@ -218,9 +231,9 @@ async def test_help_and_plan_screens(make_app):
         await pilot.press("escape")
         await pilot.press("f9")
         await wait_until(pilot, lambda: type(app.screen).__name__ == "PlanScreen")
-        await wait_until(pilot, lambda: "planner" in str(
-            app.screen.query_one("#plan-text").render()))
-        assert "planner not available" in str(app.screen.query_one("#plan-text").render())
+        await wait_until(pilot, lambda: "Choice:" in str(app.screen.query_one("#plan-text").render()))
+        text = str(app.screen.query_one("#plan-text").render())
+        assert "llama.cpp" in text and "tok/s" in text
 
 
 async def test_a_model_that_fails_to_load_is_reported_not_fatal(tmp_path):
