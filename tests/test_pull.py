@@ -267,6 +267,20 @@ def test_models_plan_flag_reads_remote_headers(hub, env, fixture_files):
     assert "gated" in rows["gated-moe:F16"]["plan_error"]
 
 
+def test_plan_before_download_reads_only_the_header(hub, env, fixture_files):
+    """`moechat plan NAME:QUANT` for a model not downloaded: the card comes from the remote
+    header, the plan is made on a recorded machine profile, and nothing is downloaded."""
+    profile = Path(__file__).parent / "profiles" / "laptop-ddr5-nogpu.json"
+    result = moechat(env, "plan", "tiny-moe:F16", "--json", "--profile", str(profile))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["choice"]["engine"] == "llama.cpp" and plan["choice"]["decode_tok_s"] > 0
+    assert plan["reason"] and len(plan["candidates"]) >= 2
+    size = fixture_files["single"].stat().st_size
+    assert 0 < hub.bytes_sent(FILE) < size / 20
+    assert blobs(env) == []  # planned, not pulled
+
+
 # ---- models / rm ----------------------------------------------------------------------------
 
 
