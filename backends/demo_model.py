@@ -74,7 +74,6 @@ def build_upcycled(src: Path, out: Path, recipe: UpcycleRecipe, progress: bool =
     """Write the upcycled MoE to `out` (atomically: a temp file renamed at the end)."""
     import gguf
     import numpy as np
-    from tqdm import tqdm
 
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
@@ -125,20 +124,32 @@ def build_upcycled(src: Path, out: Path, recipe: UpcycleRecipe, progress: bool =
                 shape, dtype = (recipe.n_experts, rows, cols), np.dtype(f"f{row_bytes // cols}")
             writer.add_tensor_info(name, shape, dtype, nbytes, expert_qtype)
 
+    def tensor_data():
+        for name, (what, *args) in plan:
+            if what == "copy":
+                yield args[0].data
+            elif what == "router":
+                yield (rng.standard_normal((recipe.n_experts, n_embd)) * ROUTER_STD).astype(np.float32)
+            else:
+                yield _make_experts(gguf, np, args[0], recipe, expert_qtype, rng)
+
+    return write_streamed(writer, tmp, out, tensor_data(), len(plan), "building demo MoE", progress)
+
+
+def write_streamed(writer, tmp: Path, out: Path, tensor_data, total: int, desc: str,
+                   progress: bool = True) -> Path:
+    """Finish a GGUFWriter whose tensor infos are all added: write the header, then each
+    tensor's data as `tensor_data` yields it (one tensor in memory at a time) behind a
+    progress bar, then rename `tmp` to `out` — so an interrupted build leaves no half file.
+    Shared with the random-geometry fixture builder."""
+    from tqdm import tqdm
+
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    bar = tqdm(
-        total=len(plan), desc="building demo MoE", unit="tensor", disable=not progress, leave=False
-    )
+    bar = tqdm(total=total, desc=desc, unit="tensor", disable=not progress, leave=False)
     try:
-        for name, (what, *args) in plan:
-            if what == "copy":
-                data = args[0].data
-            elif what == "router":
-                data = (rng.standard_normal((recipe.n_experts, n_embd)) * ROUTER_STD).astype(np.float32)
-            else:
-                data = _make_experts(gguf, np, args[0], recipe, expert_qtype, rng)
+        for data in tensor_data:
             writer.write_tensor_data(data)
             bar.update()
         writer.close()
