@@ -14,19 +14,21 @@ HELP = "ask one question and stream the answer (reads extra context from stdin w
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moechat.app.arg_types import non_negative_float, non_negative_int, positive_int
+
     parser.add_argument("prompt", nargs="?", default="", help="the question (or read from stdin)")
     parser.add_argument("--model", "-m", help="GGUF path, catalogue NAME[:QUANT] or hub org/repo:file.gguf (default: the built-in demo MoE)")
     parser.add_argument("--system", "-s", help="system prompt")
-    parser.add_argument("--max-tokens", type=_positive_int, default=512, metavar="N")
-    parser.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+    parser.add_argument("--max-tokens", type=positive_int, default=512, metavar="N")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                         help="0 (default) decodes greedily")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: physical cores)")
-    parser.add_argument("--ctx", type=_positive_int, metavar="N", help="context length in tokens")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--ctx", type=positive_int, metavar="N", help="context length in tokens")
     from moechat.backends.manager import ENGINES
 
     parser.add_argument("--engine", choices=ENGINES, default="auto")
-    parser.add_argument("--n-cpu-moe", type=_non_negative_int, metavar="N",
+    parser.add_argument("--n-cpu-moe", type=non_negative_int, metavar="N",
                         help="keep the experts of the first N layers in RAM (llama.cpp engine)")
     parser.add_argument("--vram-budget", metavar="SIZE",
                         help="GPU memory for experts, e.g. 6GiB or 50%% of the experts "
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     thread = parser.add_mutually_exclusive_group()
     thread.add_argument("-c", "--continue", dest="continue_last", action="store_true",
                         help="continue the last conversation (a new one if there is none)")
-    thread.add_argument("--cid", type=_positive_int, metavar="ID",
+    thread.add_argument("--cid", type=positive_int, metavar="ID",
                         help="continue the conversation with this id")
     parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")
 
@@ -146,34 +148,3 @@ def _read_question(prompt: str) -> str:
     if not question:
         raise MoechatError('ask: no prompt (give one: moechat ask "..." or pipe text in)')
     return question
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value

@@ -17,15 +17,16 @@ HELP = "measure prefill/decode speed, time to first token, memory and %% of the 
 
 
 def add_arguments(parser) -> None:
+    from moechat.app.arg_types import non_negative_int, positive_int
     from moechat.backends.manager import ENGINES
 
     parser.add_argument("model", nargs="?", help="GGUF path or catalogue name (default: the demo model)")
     parser.add_argument("--engine", choices=ENGINES, default="auto", help="engine (default: the plan's choice)")
-    parser.add_argument("--n-cpu-moe", type=int, metavar="N", help="keep the experts of the first N layers in RAM")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens to decode (default 64)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs; the best is reported (default 3)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--n-cpu-moe", type=non_negative_int, metavar="N", help="keep the experts of the first N layers in RAM")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=128, help="prompt length (default 128)")
+    parser.add_argument("--tokens", type=positive_int, default=64, help="tokens to decode (default 64)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="runs; the best is reported (default 3)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--record", nargs="?", const="", metavar="FILE",
                         help="append a row to docs/benchmarks.md (or FILE)")
@@ -40,9 +41,6 @@ def run(args) -> int:
     from moechat.backends.manager import open_engine
     from moechat.backends.model_resolve import resolve_card
 
-    for flag in ("prompt_tokens", "tokens", "rounds"):
-        if getattr(args, flag) <= 0:
-            raise MoechatError(f"--{flag.replace('_', '-')} must be positive")
     card = resolve_card(args.model)
     profile = load_profile(progress=None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr)))
     n_ctx = args.prompt_tokens + args.tokens + 16

@@ -21,16 +21,18 @@ MEASURE_DECODE_TOKENS = 32
 
 
 def add_arguments(parser) -> None:
+    from moechat.app.arg_types import positive_int
+
     parser.add_argument("model", nargs="?", help="GGUF path or catalogue name (default: the demo model)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--profile", metavar="FILE", help="plan for the machine in this profile JSON")
-    parser.add_argument("--ctx", type=int, metavar="N", help="context length to plan for (default: min(model, 4096))")
+    parser.add_argument("--ctx", type=positive_int, metavar="N", help="context length to plan for (default: min(model, 4096))")
     parser.add_argument("--measure", action="store_true",
                         help="run each fitting candidate briefly here and show predicted vs measured")
-    parser.add_argument("--rounds", type=int, default=MEASURE_ROUNDS, help="measurement rounds (best kept)")
+    parser.add_argument("--rounds", type=positive_int, default=MEASURE_ROUNDS, help="measurement rounds (best kept)")
     parser.add_argument("--statistic", choices=("mean", "best"), default="mean",
                         help="with --measure: summarise rounds by throughput (mean) or best run")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="with --measure: CPU threads for the engines and the re-measured bandwidths "
                              "(default: the profile's)")
 
@@ -41,10 +43,8 @@ def run(args) -> int:
     from moechat.backends.model_resolve import resolve_card
     from moechat.backends.planner import NoFitError, make_plan
 
-    if args.ctx is not None and args.ctx <= 0:
-        raise MoechatError("--ctx must be a positive number of tokens")
-    if args.threads is not None and (args.threads <= 0 or not args.measure):
-        raise MoechatError("--threads takes a positive number and goes with --measure")
+    if args.threads is not None and not args.measure:
+        raise MoechatError("--threads goes with --measure")
     if args.measure and args.profile:
         raise MoechatError("--measure runs here; it cannot be combined with --profile")
     card = resolve_card(args.model, allow_remote=True)

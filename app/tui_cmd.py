@@ -9,16 +9,16 @@ HELP = "open the chat app"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moechat.app.ask_cmd import _non_negative_int, _positive_int
+    from moechat.app.arg_types import non_negative_int, positive_int
     from moechat.backends.manager import ENGINES
 
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="GGUF path or models.toml name (default: the built-in demo MoE)")
     parser.add_argument("--engine", choices=ENGINES, default="auto")
-    parser.add_argument("--n-cpu-moe", type=_non_negative_int, metavar="N",
+    parser.add_argument("--n-cpu-moe", type=non_negative_int, metavar="N",
                         help="keep the experts of the first N layers in RAM (llama.cpp engine)")
-    parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: physical cores)")
-    parser.add_argument("--ctx", type=_positive_int, metavar="N", help="context length in tokens")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--ctx", type=positive_int, metavar="N", help="context length in tokens")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -89,6 +89,22 @@ def test_bad_flags(flags, words):
     assert_one_line_error(result, *words)
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["plan", "--ctx", "-5"], ["ctx", "positive"]),
+        (["plan", "--measure", "--rounds", "0"], ["rounds", "positive"]),
+        (["bench", "--threads", "0"], ["threads", "positive"]),
+        (["bench", "--n-cpu-moe", "-2"], ["n-cpu-moe"]),
+        (["bench", "--tokens", "many"], ["tokens", "integer"]),
+        (["--ctx", "0"], ["ctx", "positive"]),  # the chat app
+    ],
+)
+def test_bad_numbers_on_every_command(argv, words):
+    """Every subcommand takes its numbers through the same argparse types (app/arg_types.py)."""
+    assert_one_line_error(run_moechat(*argv), *words)
+
+
 def test_no_prompt_at_all():
     assert_one_line_error(run_moechat("ask", stdin=""), "no prompt")
 
