@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 # ---- constants (docs/cost-model.md says where each comes from) -------------------------------
 MIB = 1024**2
-RUNTIME_OVERHEAD_BYTES = 256 * MIB  # Python, llama.cpp context, tokenizer (as manager.py)
+RUNTIME_OVERHEAD_BYTES = 256 * MIB  # Python, llama.cpp context, tokenizer (also manager's fit check)
 VRAM_RESERVE_BYTES = 400 * MIB  # CUDA context + fragmentation headroom per GPU
 RAM_HEADROOM = 0.90  # plan to use at most 90% of the RAM available now
 UNIFIED_GPU_FRACTION = 0.75  # Metal's default working-set cap on unified memory

@@ -10,12 +10,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+from moechat.backends.cost_model import RUNTIME_OVERHEAD_BYTES
 from moechat.backends.errors import MoechatError
 from moechat.backends.model_card import ModelCard
 
 ENGINES = ("auto", "llama.cpp", "torch", "fiddler", "hobbit")
 GIB = 1024**3
-RUNTIME_OVERHEAD_BYTES = 256 * 1024**2  # compute buffers, tokenizer, Python itself
 
 
 @dataclass(frozen=True, slots=True)
