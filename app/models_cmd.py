@@ -13,9 +13,6 @@ import sys
 
 HELP = "list catalogue and downloaded models: size, quant, architecture, fits here, predicted tok/s"
 
-PLANNER_MODULES = ("moechat.app.hardware_profile", "moechat.backends.planner")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON list")
     parser.add_argument("--local", action="store_true", help="only downloaded models")
@@ -92,15 +89,10 @@ def _add_plan(row: dict, remote_headers: bool) -> None:
 
 
 def plan_columns(card) -> tuple[bool | None, float | None]:
-    """(fits, predicted decode tok/s) of the planner's choice on this machine; (None, None)
-    until the planner and hardware profile modules exist."""
-    try:
-        from moechat.app.hardware_profile import load_profile
-        from moechat.backends.planner import make_plan
-    except ModuleNotFoundError as err:
-        if err.name in PLANNER_MODULES:
-            return None, None
-        raise
+    """(fits, predicted decode tok/s) of the planner's choice on this machine."""
+    from moechat.app.hardware_profile import load_profile
+    from moechat.backends.planner import make_plan
+
     choice = make_plan(card, load_profile()).choice
     return bool(choice.fits), round(float(choice.decode_tok_s), 1)
 

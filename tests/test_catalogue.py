@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -169,17 +168,12 @@ def test_header_parser_errors_are_one_line(tmp_path, tiny):
         assert message in str(err.value) and "\n" not in str(err.value), name
 
 
-def test_plan_columns_use_the_planner_when_it_exists(tiny):
+def test_plan_columns_use_the_planner(tiny):
     from moechat.app.models_cmd import plan_columns
     from moechat.backends.model_card import read_model_card
 
     fits, decode = plan_columns(read_model_card(tiny))
-    have_planner = all(importlib.util.find_spec(m) for m in
-                       ("moechat.backends.planner", "moechat.app.hardware_profile"))
-    if have_planner:
-        assert isinstance(fits, bool) and decode > 0
-    else:
-        assert (fits, decode) == (None, None)
+    assert isinstance(fits, bool) and decode > 0
 
 
 def test_models_command_starts_without_heavy_imports():

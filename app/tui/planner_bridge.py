@@ -1,38 +1,20 @@
 """The planner, seen from the chat app: the plan as text for the plan screen, and the decode
 speed the cost model predicts for the engine and placement actually loaded (shown next to
-the measured one). The planner ships separately; without it both say so or stay quiet."""
+the measured one)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-PLANNER_MODULES = ("moechat.backends.planner", "moechat.app.hardware_profile")
-NOT_AVAILABLE = "planner not available in this build"
-
-
-def _planner():
-    """(make_plan, load_profile), or None when this build has no planner."""
-    try:
-        from moechat.app.hardware_profile import load_profile
-        from moechat.backends.planner import make_plan
-    except ModuleNotFoundError as err:
-        if err.name in PLANNER_MODULES:
-            return None
-        raise
-    return make_plan, load_profile
-
-
 def plan_text(card) -> str:
     """The plan as text, or why there is none. Slow the first time (it measures the machine):
     run it in a worker."""
+    from moechat.app.hardware_profile import load_profile
     from moechat.backends.errors import MoechatError
+    from moechat.backends.planner import make_plan
 
-    planner = _planner()
-    if planner is None:
-        return NOT_AVAILABLE
     if card is None:
         return "no model card for the loaded model"
-    make_plan, load_profile = planner
     try:
         plan = make_plan(card, load_profile())
     except MoechatError as err:  # e.g. nothing fits: the planner's own one-line reason
@@ -65,16 +47,11 @@ def predicted_decode_tok_s(card, engine) -> float | None:
     """The cost model's decode speed for the loaded engine and placement, from the measured
     hardware profile in the cache (never measures: this runs while the model loads). None if
     unknown, or if the machine was never measured (nominal speeds would mislead)."""
+    from moechat.app.hardware_profile import load_profile, profile_path
     from moechat.backends.errors import MoechatError
+    from moechat.backends.planner import make_plan
 
-    planner = _planner()
-    if planner is None or card is None:
-        return None
-    make_plan, load_profile = planner
-    import moechat.app.hardware_profile as hardware_profile
-
-    profile_path = getattr(hardware_profile, "profile_path", None)
-    if profile_path is not None and not profile_path().exists():
+    if card is None or not profile_path().exists():
         return None
     try:
         plan = make_plan(card, load_profile(measure=False))

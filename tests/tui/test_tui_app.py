@@ -290,17 +290,18 @@ async def test_switch_model_closes_the_old_engine_and_opens_the_new_one(make_app
 
 
 def fake_planner(monkeypatch, candidates, reason="llama.cpp on the CPU: no GPU here"):
-    """Stand-ins for the planner modules (shipped by another branch), shaped like them."""
-    import sys
+    """The planner answers with `candidates` for any card, on a machine whose profile counts
+    as measured (so nothing is measured here)."""
     import types
+    from pathlib import Path
+
+    from moechat.app import hardware_profile
+    from moechat.backends import planner
 
     plan = types.SimpleNamespace(choice=candidates[0], candidates=tuple(candidates), reason=reason)
-    planner = types.ModuleType("moechat.backends.planner")
-    planner.make_plan = lambda card, profile: plan
-    profile = types.ModuleType("moechat.app.hardware_profile")
-    profile.load_profile = lambda measure=True: "2 cores"
-    monkeypatch.setitem(sys.modules, "moechat.backends.planner", planner)
-    monkeypatch.setitem(sys.modules, "moechat.app.hardware_profile", profile)
+    monkeypatch.setattr(planner, "make_plan", lambda card, profile: plan)
+    monkeypatch.setattr(hardware_profile, "load_profile", lambda measure=True, **kw: "2 cores")
+    monkeypatch.setattr(hardware_profile, "profile_path", lambda: Path(__file__))  # exists
 
 
 def candidate(engine, placement, decode, n_cpu_moe=None, note=""):
