@@ -9,7 +9,6 @@ new prompt's tokens with the ones already evaluated and only evaluates the rest.
 
 from __future__ import annotations
 
-import codecs
 import threading
 import time
 from dataclasses import dataclass
@@ -114,7 +113,7 @@ class LlamaCppEngine:
         max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
         self.llm.set_seed(sampling.seed)
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text_stream = self.tokenizer.text_stream()
         generated: list[int] = []
         finish = "length"
         t_start, t_first = time.perf_counter(), None
@@ -136,10 +135,9 @@ class LlamaCppEngine:
                     finish = "stop"
                     break
                 generated.append(token)
-                piece = self.tokenizer.piece(token, generated[:-1])
                 decode_s = now - t_first
                 yield Event(
-                    text=decoder.decode(piece),
+                    text=text_stream.push(token),
                     token_ids=(token,),
                     prompt_tokens=len(tokens),
                     decode_tok_s=(len(generated) - 1) / decode_s if decode_s > 0 else 0.0,
@@ -152,7 +150,7 @@ class LlamaCppEngine:
         finally:
             stream.close()
         ttft = (t_first or time.perf_counter()) - t_start
-        yield self._final_event(len(tokens), ttft, decoder.decode(b"", final=True), finish)
+        yield self._final_event(len(tokens), ttft, text_stream.flush(), finish)
 
     def _final_event(self, n_prompt: int, ttft: float, tail_text: str, finish: str) -> Event:
         """Totals from llama.cpp's own perf counters (read after a synchronize)."""

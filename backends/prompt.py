@@ -7,6 +7,8 @@ are identical to the reference by construction.
 
 from __future__ import annotations
 
+import codecs
+
 from moechat.backends.chat_template import render_chat
 from moechat.backends.engine import Message
 
@@ -48,11 +50,25 @@ class ChatTokenizer:
 
         return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
-    def piece(self, token: int, previous: list[int]) -> bytes:
-        """The bytes `token` adds after `previous` (multi-byte characters may span tokens)."""
-        return self.llm.detokenize([token], prev_tokens=previous)
+    def text_stream(self) -> "TextStream":
+        return TextStream(self.llm)
 
     def close(self) -> None:
         self.llm.close()
 
 
+
+
+class TextStream:
+    """Generated token ids in, text out, one token at a time: a multi-byte UTF-8 character
+    split across tokens comes out whole, with the token that completes it."""
+
+    def __init__(self, llm):
+        self._llm = llm
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._llm.detokenize([token]))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)

@@ -7,7 +7,6 @@ chat reuses the KV cache for the prefix the new prompt shares with what was eval
 
 from __future__ import annotations
 
-import codecs
 import threading
 import time
 from typing import Iterator
@@ -84,7 +83,7 @@ class TorchEngine:
         prefill_s = time.perf_counter() - t0
         prefill_tok_s = (len(tokens) - reused) / prefill_s if prefill_s > 0 else 0.0
 
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text_stream = self.tokenizer.text_stream()
         generated: list[int] = []
         finish, decode_s, n_decoded = "length", 0.0, 0
         pos = len(tokens)
@@ -94,8 +93,7 @@ class TorchEngine:
                 finish = "stop"
                 break
             generated.append(token)
-            text = decoder.decode(self.tokenizer.piece(token, generated[:-1]))
-            yield Event(text=text, token_ids=(token,), prompt_tokens=len(tokens), prefill_tok_s=prefill_tok_s,
+            yield Event(text=text_stream.push(token), token_ids=(token,), prompt_tokens=len(tokens), prefill_tok_s=prefill_tok_s,
                         decode_tok_s=n_decoded / decode_s if decode_s > 0 else 0.0)
             if len(generated) >= max_tokens or pos >= self.n_ctx:
                 break
@@ -108,7 +106,7 @@ class TorchEngine:
             n_decoded += 1
             pos += 1
         yield Event(
-            text=decoder.decode(b"", final=True),
+            text=text_stream.flush(),
             prompt_tokens=len(tokens),
             prefill_tok_s=prefill_tok_s,
             decode_tok_s=n_decoded / decode_s if decode_s > 0 else 0.0,
