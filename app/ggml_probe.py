@@ -29,7 +29,7 @@ def op_chain(ggml, backend, n_ops: int = 64, width: int = 64):
                 y = self.lib.ggml_mul_mat(self.ctx, self.w, y)
             self.y = y
             self._finish(self.y)
-            self._set(self.x, np.ones(width, np.float32))
+            self._view(self.x, (width,))[:] = 1.0
 
         def __call__(self):
             self._run()

@@ -48,10 +48,13 @@ def default_models() -> list[Path]:
 def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, profile: bool) -> dict:
     import resource
 
+    import psutil
+
     prompt = [1] + [100 + (i * 37) % 5000 for i in range(n_prompt - 1)]
     if engine == "llama.cpp":
         import llama_cpp
 
+        rss_before_load = psutil.Process().memory_info().rss
         llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_decode + 8, n_batch=512,
                               n_threads=threads, n_threads_batch=threads, verbose=False)
         t0 = time.perf_counter()
@@ -70,6 +73,7 @@ def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, 
         from moechat.backends.runtime import load_model
 
         torch.set_num_threads(1)  # as the torch engine does: ggml's pool does the heavy work
+        rss_before_load = psutil.Process().memory_info().rss
         model = load_model(path, threads=threads, max_tokens=n_prompt + n_decode + 8)
         cache = model.new_cache(n_prompt + n_decode + 8)
         with torch.inference_mode():
@@ -101,6 +105,7 @@ def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, 
         "prefill_tok_s": n_prompt / prefill_s,
         "decode_tok_s": n_decode / decode_s,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before_load": rss_before_load,  # the interpreter and its libraries (torch: ~0.23 GB)
     }
 
 
@@ -136,9 +141,9 @@ def main() -> int:
     models = [Path(m) for m in args.model] if args.model else default_models()
     print(f"threads {args.threads}, prompt {args.prompt_tokens} tok, decode {args.decode_tokens} tok, "
           f"{args.rounds} alternating rounds, median shown; load average {os.getloadavg()[0]:.1f}")
-    header = (f"| model | file GB | engine | prefill tok/s | decode tok/s | peak RSS GB | RSS / file |")
-    print(header)
-    print("|" + "---|" * 7)
+    print(header := "| model | file GB | engine | prefill tok/s | decode tok/s | peak RSS GB | RSS / file "
+                    "| RSS before load GB | (peak − before load) / file |")
+    print("|" + "---|" * header.count(" | ") + "---|")
     for path in models:
         size = path.stat().st_size
         results = {"llama.cpp": [], "torch": []}
@@ -147,15 +152,17 @@ def main() -> int:
                 results[engine].append(run_one(engine, path, args))
         med = {}
         for engine, rs in results.items():
-            med[engine] = {k: statistics.median(r[k] for r in rs) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss")}
+            med[engine] = {k: statistics.median(r[k] for r in rs)
+                           for k in ("prefill_tok_s", "decode_tok_s", "peak_rss", "rss_before_load")}
             m = med[engine]
             print(f"| {path.name} | {size / 1e9:.2f} | {engine} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.1f} "
-                  f"| {m['peak_rss'] / 1e9:.2f} | {m['peak_rss'] / size:.2f} |")
+                  f"| {m['peak_rss'] / 1e9:.2f} | {m['peak_rss'] / size:.2f} | {m['rss_before_load'] / 1e9:.2f} "
+                  f"| {(m['peak_rss'] - m['rss_before_load']) / size:.2f} |")
         ratio_d = med["torch"]["decode_tok_s"] / med["llama.cpp"]["decode_tok_s"]
         ratio_p = med["torch"]["prefill_tok_s"] / med["llama.cpp"]["prefill_tok_s"]
         per_round = [t["decode_tok_s"] / l["decode_tok_s"] for t, l in zip(results["torch"], results["llama.cpp"])]
         print(f"| {path.name} | | **torch ÷ llama.cpp** | {ratio_p:.2f} | **{ratio_d:.2f}** "
-              f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)}) | | |")
+              f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)}) | | | | |")
     return 0
 
 

@@ -56,6 +56,10 @@ _SIGNATURES = {
     "ggml_mul_mat": (_p, [_p, _p, _p]),
     "ggml_mul_mat_id": (_p, [_p, _p, _p, _p]),
     "ggml_swiglu_split": (_p, [_p, _p, _p]),
+    "ggml_mul": (_p, [_p, _p, _p]),
+    "ggml_add": (_p, [_p, _p, _p]),
+    "ggml_cont": (_p, [_p, _p]),
+    "ggml_view_2d": (_p, [_p, _p, _i64, _i64, _size, _size]),
     "ggml_new_graph": (_p, [_p]),
     "ggml_build_forward_expand": (None, [_p, _p]),
     "ggml_nbytes": (_size, [_p]),
@@ -263,7 +267,8 @@ class _Graph:
     """A ggml context + graph whose weights point into caller-owned memory.
 
     Subclasses create weight tensors with `_weight()`, other leaf tensors with `_new()`, build
-    the ops, call `_finish(out)` and then `_run()` for each call.
+    the ops, call `_finish(*outs)`, take numpy views of their inputs and outputs with
+    `_view()`, and then, for each call, write the inputs, `_run()` and copy the outputs.
     """
 
     MAX_TENSORS = 64
@@ -305,22 +310,22 @@ class _Graph:
         make = {1: self.lib.ggml_new_tensor_1d, 2: self.lib.ggml_new_tensor_2d, 3: self.lib.ggml_new_tensor_3d}
         return make[len(shape)](self.ctx, ggml_type, *shape)
 
-    def _finish(self, out: int) -> None:
+    def _finish(self, *outs: int) -> None:
         self.graph = self.lib.ggml_new_graph(self.ctx)
-        self.lib.ggml_build_forward_expand(self.graph, out)
+        for out in outs:
+            self.lib.ggml_build_forward_expand(self.graph, out)
         self._buffer = self.lib.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.ptr)
         if not self._buffer:
             raise RuntimeError("ggml could not allocate the graph's tensors")
 
-    def _set(self, t: int, x: np.ndarray) -> None:
-        assert x.flags.c_contiguous and x.nbytes == self.lib.ggml_nbytes(t)
-        ctypes.memmove(self.lib.ggml_get_data(t), x.ctypes.data, x.nbytes)
-
-    def _get(self, t: int, shape: tuple[int, ...]) -> np.ndarray:
-        out = np.empty(shape, dtype=np.float32)
-        assert out.nbytes == self.lib.ggml_nbytes(t)
-        ctypes.memmove(out.ctypes.data, self.lib.ggml_get_data(t), out.nbytes)
-        return out
+    def _view(self, t: int, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        """A numpy array on tensor t's memory inside ggml's buffer (valid while the graph
+        lives): inputs are written into it and outputs copied out of it, without a ctypes
+        call per access."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        assert nbytes == self.lib.ggml_nbytes(t), (shape, dtype)
+        memory = (ctypes.c_char * nbytes).from_address(self.lib.ggml_get_data(t))
+        return np.frombuffer(memory, dtype=dtype).reshape(shape)
 
     def _run(self) -> None:
         with self.backend.lock:
@@ -351,16 +356,15 @@ class _MatmulGraph(_Graph):
     def __init__(self, backend: CpuBackend, weight: QuantWeight, n_tokens: int):
         super().__init__(backend)
         d, n = weight.shape
-        self.w = self._weight(weight)
-        self.x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D] row-major
-        self.y = self.lib.ggml_mul_mat(self.ctx, self.w, self.x)  # [T, N]
-        self._finish(self.y)
-        self.out_shape = (n_tokens, n)
+        x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D] row-major
+        y = self.lib.ggml_mul_mat(self.ctx, self._weight(weight), x)  # [T, N]
+        self._finish(y)
+        self.x, self.y = self._view(x, (n_tokens, d)), self._view(y, (n_tokens, n))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        self._set(self.x, x)
+        np.copyto(self.x, x)
         self._run()
-        return self._get(self.y, self.out_shape)
+        return self.y.copy()
 
 
 class QuantLinear:
@@ -375,12 +379,11 @@ class QuantLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, D] (or [D]) float32 -> [T, N] (or [N]) float32."""
-        vec = x.ndim == 1
-        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
-        if x2.shape[1] != self.in_features:
+        if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, weight expects {self.in_features}")
-        y = _cached_call(self._graphs, x2.shape[0], lambda: _MatmulGraph(self.backend, self.weight, x2.shape[0]), x2)
-        return y[0] if vec else y
+        x2 = x.reshape(-1, self.in_features)
+        y = _cached_call(self._graphs, x2.shape[0], _MatmulGraph, self.backend, self.weight, x2.shape[0], inputs=(x2,))
+        return y[0] if x.ndim == 1 else y
 
     def close(self) -> None:
         for g in self._graphs.values():
@@ -388,16 +391,17 @@ class QuantLinear:
         self._graphs.clear()
 
 
-def _cached_call(graphs: dict, n_tokens: int, build, *inputs, key=1) -> np.ndarray:
-    """Run a graph for n_tokens: decode's (n_tokens == 1) is built once and kept (per `key`,
-    e.g. per number of experts asked for); a prefill's is built, run and freed, so its large
-    intermediates do not stay resident per layer."""
-    if n_tokens == 1:
-        g = graphs.get(key)
-        if g is None:
-            g = graphs[key] = build()
+def _cached_call(graphs: dict, key, build, *build_args, inputs: tuple) -> np.ndarray:
+    """Run the graph `build(*build_args)` on `inputs`. Decode's graphs (key[0] or key == 1:
+    one token) are built once and kept per key; a prefill's is built, run and freed, so its
+    large intermediates do not stay resident per layer."""
+    g = graphs.get(key)
+    if g is not None:
         return g(*inputs)
-    g = build()
+    g = build(*build_args)
+    if (key[0] if isinstance(key, tuple) else key) == 1:
+        graphs[key] = g
+        return g(*inputs)
     try:
         return g(*inputs)
     finally:
@@ -411,20 +415,16 @@ class _MultiMatmulGraph(_Graph):
     def __init__(self, backend: CpuBackend, weights: list, n_tokens: int):
         super().__init__(backend)
         d = weights[0].shape[0]
-        self.x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D]
-        self.ys = [self.lib.ggml_mul_mat(self.ctx, self._weight(w), self.x) for w in weights]  # [T, N_i]
-        self.graph = self.lib.ggml_new_graph(self.ctx)
-        for y in self.ys:
-            self.lib.ggml_build_forward_expand(self.graph, y)
-        self._buffer = self.lib.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.ptr)
-        if not self._buffer:
-            raise RuntimeError("ggml could not allocate the graph's tensors")
-        self.out_shapes = [(n_tokens, w.shape[1]) for w in weights]
+        x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D]
+        ys = [self.lib.ggml_mul_mat(self.ctx, self._weight(w), x) for w in weights]  # [T, N_i]
+        self._finish(*ys)
+        self.x = self._view(x, (n_tokens, d))
+        self.ys = [self._view(y, (n_tokens, w.shape[1])) for y, w in zip(ys, weights)]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        self._set(self.x, x)
+        np.copyto(self.x, x)
         self._run()
-        return [self._get(y, shape) for y, shape in zip(self.ys, self.out_shapes)]
+        return [y.copy() for y in self.ys]
 
 
 class QuantLinearGroup:
@@ -439,8 +439,9 @@ class QuantLinearGroup:
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """x [T, D] float32 -> [[T, N_i] float32 for each weight]."""
-        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
-        return _cached_call(self._graphs, x2.shape[0], lambda: _MultiMatmulGraph(self.backend, self.weights, x2.shape[0]), x2)
+        x2 = x.reshape(-1, self.in_features)
+        return _cached_call(self._graphs, x2.shape[0], _MultiMatmulGraph, self.backend, self.weights, x2.shape[0],
+                            inputs=(x2,))
 
     def close(self) -> None:
         for g in self._graphs.values():
@@ -452,30 +453,48 @@ class QuantLinearGroup:
 
 
 class _ExpertsGraph(_Graph):
-    def __init__(self, backend, gate: QuantWeight, up: QuantWeight, down: QuantWeight, n_tokens: int, n_used: int):
+    """y[t, a] = down_e(silu(gate_e(x_t)) * up_e(x_t)) for e = ids[t, a]; with `weighted`,
+    the output is instead sum_a w[t, a] * y[t, a], summed in slot order as llama.cpp does."""
+
+    def __init__(self, backend, gate: QuantWeight, up: QuantWeight, down: QuantWeight, n_tokens: int,
+                 n_used: int, weighted: bool):
         super().__init__(backend)
         d, i, e = gate.shape
-        self.wg, self.wu, self.wd = self._weight(gate), self._weight(up), self._weight(down)
-        self.x = self._new(GGML_TYPE_F32, d, 1, n_tokens)  # [T, 1, D]
-        self.ids = self._new(GGML_TYPE_I32, n_used, n_tokens)  # [T, A]
-        g = self.lib.ggml_mul_mat_id(self.ctx, self.wg, self.x, self.ids)  # [T, A, I]
-        u = self.lib.ggml_mul_mat_id(self.ctx, self.wu, self.x, self.ids)  # [T, A, I]
+        x = self._new(GGML_TYPE_F32, d, 1, n_tokens)  # [T, 1, D]
+        ids = self._new(GGML_TYPE_I32, n_used, n_tokens)  # [T, A]
+        g = self.lib.ggml_mul_mat_id(self.ctx, self._weight(gate), x, ids)  # [T, A, I]
+        u = self.lib.ggml_mul_mat_id(self.ctx, self._weight(up), x, ids)  # [T, A, I]
         h = self.lib.ggml_swiglu_split(self.ctx, g, u)  # silu(g) * u      [T, A, I]
-        self.y = self.lib.ggml_mul_mat_id(self.ctx, self.wd, h, self.ids)  # [T, A, D]
-        self._finish(self.y)
-        self.out_shape = (n_tokens, n_used, d)
+        y = self.lib.ggml_mul_mat_id(self.ctx, self._weight(down), h, ids)  # [T, A, D]
+        self.w = None
+        if weighted:
+            w = self._new(GGML_TYPE_F32, 1, n_used, n_tokens)  # [T, A, 1]
+            y = self.lib.ggml_mul(self.ctx, y, w)  # [T, A, D], each slot times its gate weight
+            row, slot = d * 4, d * n_used * 4  # strides of [T, A, D] float32 in bytes
+            total = self.lib.ggml_view_2d(self.ctx, y, d, n_tokens, slot, 0)  # [T, D], slot 0
+            for a in range(1, n_used):
+                total = self.lib.ggml_add(self.ctx, total, self.lib.ggml_view_2d(self.ctx, y, d, n_tokens, slot, a * row))
+            y = total if n_used > 1 else self.lib.ggml_cont(self.ctx, total)
+        self._finish(y)
+        self.x, self.ids = self._view(x, (n_tokens, d)), self._view(ids, (n_tokens, n_used), np.int32)
+        if weighted:
+            self.w = self._view(w, (n_tokens, n_used))
+        self.y = self._view(y, (n_tokens, d) if weighted else (n_tokens, n_used, d))
 
-    def __call__(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        self._set(self.x, x)
-        self._set(self.ids, ids)
+    def __call__(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        np.copyto(self.x, x)
+        np.copyto(self.ids, ids)
+        if weights is not None:
+            np.copyto(self.w, weights)
         self._run()
-        return self._get(self.y, self.out_shape)
+        return self.y.copy()
 
 
 class QuantExperts:
     """The routed experts of one layer: y[t, a] = down_e(silu(gate_e(x_t)) * up_e(x_t)),
     e = expert_ids[t, a], from stacked 3-D GGUF expert tensors (ggml_mul_mat_id): only the
-    selected experts' bytes are read. Gate weighting and the sum over A are the caller's."""
+    selected experts' bytes are read. Weighting by the gate and the sum over A are done in the
+    same graph when the gate weights are given, else left to the caller."""
 
     def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight, backend: CpuBackend):
         d, i, e = gate.shape
@@ -483,19 +502,22 @@ class QuantExperts:
             raise ValueError(f"expert shapes disagree: gate {gate.shape}, up {up.shape}, down {down.shape}")
         self.gate, self.up, self.down, self.backend = gate, up, down, backend
         self.dim, self.ffn_dim, self.n_experts = d, i, e
-        self._graphs: dict[int, _ExpertsGraph] = {}  # decode's graph (T == 1)
+        self._graphs: dict[tuple, _ExpertsGraph] = {}  # decode's graphs (T == 1), per (A, weighted)
 
-    def __call__(self, x: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
-        """x [T, D] float32, expert_ids [T, A] integer -> [T, A, D] float32."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        ids = np.ascontiguousarray(expert_ids, dtype=np.int32)
-        if x.ndim != 2 or x.shape[1] != self.dim or ids.ndim != 2 or ids.shape[0] != x.shape[0]:
-            raise ValueError(f"x {x.shape} / expert_ids {ids.shape} do not fit D={self.dim}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_experts):
+    def __call__(self, x: np.ndarray, expert_ids: np.ndarray, gate_weights: np.ndarray | None = None) -> np.ndarray:
+        """x [T, D] float32, expert_ids [T, A] integer -> [T, A, D] float32; with gate_weights
+        [T, A]: sum_a gate_weights[t, a] * y[t, a] -> [T, D]."""
+        if x.ndim != 2 or x.shape[1] != self.dim or expert_ids.ndim != 2 or expert_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"x {x.shape} / expert_ids {expert_ids.shape} do not fit D={self.dim}")
+        if gate_weights is not None and gate_weights.shape != expert_ids.shape:
+            raise ValueError(f"gate weights {gate_weights.shape} do not match expert ids {expert_ids.shape}")
+        if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= self.n_experts):
             raise ValueError(f"expert ids must be in [0, {self.n_experts})")
-        key = ids.shape
-        return _cached_call(self._graphs, key[0], lambda: _ExpertsGraph(self.backend, self.gate, self.up, self.down, *key), x, ids,
-                            key=key)
+        n_tokens, n_used = expert_ids.shape
+        weighted = gate_weights is not None
+        inputs = (x, expert_ids) + ((gate_weights,) if weighted else ())
+        return _cached_call(self._graphs, (n_tokens, n_used, weighted), _ExpertsGraph, self.backend,
+                            self.gate, self.up, self.down, n_tokens, n_used, weighted, inputs=inputs)
 
     def close(self) -> None:
         for g in self._graphs.values():

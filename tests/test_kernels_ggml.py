@@ -65,6 +65,25 @@ def test_experts_match_reference(backend):
     with pytest.raises(ValueError, match="expert ids"):
         experts(x, ids + n_experts)  # would be a ggml abort; refused in Python
 
+    # gate weights given: weighting and the sum over the active experts happen in the graph,
+    # in slot order as llama.cpp sums them, so float32 rounding matches numpy's exactly
+    for n_tokens, n_used in ((5, 2), (1, 2), (1, 3), (3, 1)):
+        xs = x[:n_tokens]
+        sel = rng.integers(0, n_experts, (n_tokens, n_used))
+        gate_w = rng.uniform(0.1, 1.0, (n_tokens, n_used)).astype(np.float32)
+        per_slot = experts(xs, sel) * gate_w[:, :, None]  # [T, A, D]
+        want = per_slot[:, 0]
+        for a in range(1, n_used):
+            want = want + per_slot[:, a]
+        for _ in range(2):  # the one-token graph is cached: run it twice
+            got = experts(xs, sel, gate_w)
+            assert got.shape == (n_tokens, dim)
+            np.testing.assert_array_equal(got, want)
+        gate_w = gate_w * 2  # new values through the cached graph
+        np.testing.assert_array_equal(experts(xs, sel, gate_w), want * 2)
+    with pytest.raises(ValueError, match="gate weights"):
+        experts(x, ids, np.ones((5, 3), np.float32))
+
 
 def test_bad_weights_are_refused_not_aborted():
     w, _ = ggml.random_quant_weight("Q4_0", 8, 64)

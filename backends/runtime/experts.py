@@ -129,13 +129,10 @@ class GgmlExperts:
             self.layers[l] = QuantExperts(*weights, cpu)
 
     def moe_forward(self, layer, hidden, expert_ids, gate_weights):
-        x = hidden.detach().contiguous().numpy()  # the CPU path's activations are float32
-        y = torch.from_numpy(self.layers[layer](x, expert_ids.numpy()))  # [T, A, D]
-        y.mul_(gate_weights.unsqueeze(-1))
-        out = y[:, 0]
-        for a in range(1, y.shape[1]):  # llama.cpp sums the weighted experts in order
-            out = out + y[:, a]
-        return out
+        # the CPU path's activations are float32; weighting and the in-order sum over the
+        # active experts run in the same ggml graph, as in llama.cpp
+        y = self.layers[layer](hidden.numpy(), expert_ids.numpy(), gate_weights.numpy())
+        return torch.from_numpy(y)  # [T, D]
 
     def close(self):
         for q in self.layers.values():

@@ -37,7 +37,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] -> [T, N]
         if self.ggml is not None:
-            y = torch.from_numpy(self.ggml(x.detach().contiguous().numpy()))
+            y = torch.from_numpy(self.ggml(x.numpy()))
         else:
             y = x @ self.w.T
         return y if self.bias is None else y + self.bias
@@ -50,13 +50,15 @@ def linear_group(linears: list[Linear]):
     group = QuantLinearGroup([l.ggml.weight for l in linears], linears[0].ggml.backend)
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
-        ys = group(x.detach().contiguous().numpy())
+        ys = group(x.numpy())
         return [torch.from_numpy(y) if l.bias is None else torch.from_numpy(y) + l.bias for y, l in zip(ys, linears)]
 
     return run
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the CPU path: one fused op
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
@@ -81,10 +83,15 @@ class Rope:
         angles = (angles * np.float32(scale)).astype(np.float64)
         self.cos = torch.from_numpy(np.cos(angles).astype(np.float32)).to(device)  # [S, Dr/2]
         self.sin = torch.from_numpy(np.sin(angles).astype(np.float32)).to(device)
+        # adjacent pairs rotating every dim are complex numbers times e^(i*angle): one op
+        self.turn = torch.complex(self.cos, self.sin) if not neox and rope_dims == head_dim else None
 
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x [T, heads, Dh] -> rotated, positions start..start+T-1."""
         t = x.shape[0]
+        if self.turn is not None and x.dtype == torch.float32:
+            pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # [T, heads, Dh/2]
+            return torch.view_as_real(pairs * self.turn[start : start + t, None, :]).flatten(-2)
         cos = self.cos[start : start + t, None, :]  # [T, 1, Dr/2]
         sin = self.sin[start : start + t, None, :]
         if x.dtype != cos.dtype:

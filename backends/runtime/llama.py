@@ -110,7 +110,8 @@ class Model:
         k = k.view(t, a.n_kv_heads, a.head_dim)  # [T, Hkv, Dh]
         v = v.view(t, a.n_kv_heads, a.head_dim)
         q, k = self.qk_norm(layer, q, k)
-        q, k = self.rope(q, start), self.rope(k, start)
+        qk = self.rope(torch.cat([q, k], dim=1), start)  # [T, H+Hkv, Dh]: one rotation for both
+        q, k = qk[:, : a.n_heads], qk[:, a.n_heads :]
         k_all, v_all = cache.update(i, start, k, v)  # [Hkv, S, Dh]
         return layer.wo(attention(q, k_all, v_all, start, a.attn_scale))  # [T, D]
 
