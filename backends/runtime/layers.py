@@ -111,20 +111,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
 
     Rounded like llama.cpp's default CPU attention (f16 cache, no flash attention): the query
     is rounded to the cache dtype before q·k, the scores are softmaxed, and the probabilities
-    are rounded to the cache dtype before they weight the values. On the CPU the products
-    run in float64: their result then no longer depends on how many queries share the call,
-    so a cached decode step gives what a full forward gives at that position (float32 BLAS
-    picks different blockings for different shapes, and these models amplify ulp changes)."""
+    are rounded to the cache dtype before they weight the values.
+
+    On the CPU each query is computed on its own, over exactly the keys it sees: the products
+    then have the same shapes — hence the same float32 rounding — whether the query comes in
+    a prefill of many tokens or alone in a decode step, so a cached decode step gives what a
+    full forward gives at that position (one batched product rounds differently per batch
+    shape, and these models amplify ulp changes through the f16 roundings). On a GPU, one
+    batched product with a causal mask."""
     t, h, dh = q.shape
     hkv, s, _ = k.shape
-    acc = torch.float64 if q.device.type == "cpu" else torch.float32
-    qg = q.to(k.dtype).to(acc).transpose(0, 1).reshape(hkv, h // hkv * t, dh)  # [Hkv, G*T, Dh]
-    scores = torch.bmm(qg, k.to(acc).transpose(1, 2)).view(hkv, h // hkv, t, s) * scale  # [Hkv, G, T, S]
+    if q.device.type == "cpu":
+        qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dh)  # [T, Hkv, G, Dh]
+        kf, vf = k.float(), v.float()  # [Hkv, S, Dh]
+        out = torch.empty(t, hkv, h // hkv, dh)
+        for i in range(t):
+            seen = start + i + 1
+            scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
+            probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
+            torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dh]
+        return out.view(t, h * dh).to(q.dtype)
+    qg = q.to(k.dtype).float().transpose(0, 1).reshape(hkv, h // hkv * t, dh)  # [Hkv, G*T, Dh]
+    scores = torch.bmm(qg, k.float().transpose(1, 2)).view(hkv, h // hkv, t, s) * scale  # [Hkv, G, T, S]
     if t > 1:  # query i sits at position start + i and sees keys 0..start+i
         future = torch.arange(s, device=q.device)[None, :] > (start + torch.arange(t, device=q.device))[:, None]
         scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).to(acc).view(hkv, -1, s)  # [Hkv, G*T, S]
-    out = torch.bmm(probs, v.to(acc)).view(h, t, dh)  # [H, T, Dh]
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).float().view(hkv, -1, s)  # [Hkv, G*T, S]
+    out = torch.bmm(probs, v.float()).view(h, t, dh)  # [H, T, Dh]
     return out.transpose(0, 1).reshape(t, h * dh).to(q.dtype)
 
 
