@@ -111,26 +111,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, sca
 
     Rounded like llama.cpp's default CPU attention (f16 cache, no flash attention): the query
     is rounded to the cache dtype before q·k, the scores are softmaxed, and the probabilities
-    are rounded to the cache dtype before they weight the values.
+    are rounded to the cache dtype before they weight the values. On the CPU one query at a
+    time (`attention_per_query`), on a GPU all at once (`attention_batched`)."""
+    if q.device.type == "cpu":
+        return attention_per_query(q, k, v, start, scale)
+    return attention_batched(q, k, v, start, scale)
 
-    On the CPU each query is computed on its own, over exactly the keys it sees: the products
-    then have the same shapes — hence the same float32 rounding — whether the query comes in
-    a prefill of many tokens or alone in a decode step, so a cached decode step gives what a
-    full forward gives at that position (one batched product rounds differently per batch
-    shape, and these models amplify ulp changes through the f16 roundings). On a GPU, one
-    batched product with a causal mask."""
+
+def attention_per_query(q, k, v, start: int, scale: float) -> torch.Tensor:
+    """Each query on its own, over exactly the keys it sees: the products then have the same
+    shapes — hence the same float32 rounding — whether the query comes in a prefill of many
+    tokens or alone in a decode step, so a cached decode step gives what a full forward gives
+    at that position (a batched product rounds differently per batch shape, and these models
+    amplify ulp changes through the f16 roundings)."""
+    t, h, dh = q.shape
+    hkv = k.shape[0]
+    qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dh)  # [T, Hkv, G, Dh]
+    kf, vf = k.float(), v.float()  # [Hkv, S, Dh]
+    out = torch.empty(t, hkv, h // hkv, dh, device=q.device)
+    for i in range(t):
+        seen = start + i + 1
+        scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
+        torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dh]
+    return out.view(t, h * dh).to(q.dtype)
+
+
+def attention_batched(q, k, v, start: int, scale: float) -> torch.Tensor:
+    """All queries in one product per step, future keys masked: one kernel launch each."""
     t, h, dh = q.shape
     hkv, s, _ = k.shape
-    if q.device.type == "cpu":
-        qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dh)  # [T, Hkv, G, Dh]
-        kf, vf = k.float(), v.float()  # [Hkv, S, Dh]
-        out = torch.empty(t, hkv, h // hkv, dh)
-        for i in range(t):
-            seen = start + i + 1
-            scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
-            probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
-            torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dh]
-        return out.view(t, h * dh).to(q.dtype)
     qg = q.to(k.dtype).float().transpose(0, 1).reshape(hkv, h // hkv * t, dh)  # [Hkv, G*T, Dh]
     scores = torch.bmm(qg, k.float().transpose(1, 2)).view(hkv, h // hkv, t, s) * scale  # [Hkv, G, T, S]
     if t > 1:  # query i sits at position start + i and sees keys 0..start+i

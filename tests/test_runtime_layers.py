@@ -1,0 +1,58 @@
+"""The runtime's building blocks: the CPU fast paths agree with the general ones (which a GPU
+runs), and CPU attention gives a decode step exactly what a prefill gives at that position."""
+
+import torch
+
+from moechat.backends.runtime.layers import Rope, attention_batched, attention_per_query, rms_norm
+
+
+def _qkv(t: int, s: int, heads: int = 6, kv_heads: int = 2, head_dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, heads, head_dim, generator=g)
+    k = torch.randn(kv_heads, s, head_dim, generator=g).half()  # the cache holds f16
+    v = torch.randn(kv_heads, s, head_dim, generator=g).half()
+    return q, k, v
+
+
+def test_attention_per_query_matches_batched_and_is_shape_independent():
+    start, t = 7, 5
+    q, k, v = _qkv(t, start + t)
+    per_query = attention_per_query(q, k, v, start, 0.25)  # [T, H*Dh]
+    batched = attention_batched(q, k, v, start, 0.25)
+    assert per_query.shape == batched.shape == (t, 6 * 16)
+    assert (per_query - batched).abs().max() < 1e-4  # f16-rounded probabilities, f32 sums
+    # each position alone, as a cached decode step sees the cache: bit-identical to the prefill
+    for i in range(t):
+        pos = start + i
+        alone = attention_per_query(q[i : i + 1], k[:, : pos + 1], v[:, : pos + 1], pos, 0.25)
+        assert torch.equal(alone[0], per_query[i])
+
+
+def test_attention_sees_no_future_keys():
+    start, t = 3, 4
+    q, k, v = _qkv(t, start + t, seed=1)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, -1], v2[:, -1] = 100, -100  # the last position's key/value: only the last query sees it
+    for fn in (attention_per_query, attention_batched):
+        a, b = fn(q, k, v, start, 0.25), fn(q, k2, v2, start, 0.25)
+        assert torch.equal(a[:-1], b[:-1])
+        assert not torch.allclose(a[-1], b[-1])
+
+
+def test_rope_complex_path_matches_rotation_formula():
+    rope = Rope(head_dim=16, rope_dims=16, base=10000.0, neox=False, max_pos=64)
+    assert rope.turn is not None  # adjacent-pair mode rotating every dim: the complex product
+    x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(2))
+    fast = rope(x, 20)  # float32: complex multiply
+    general = rope(x.double(), 20)  # float64 takes the cos/sin formula
+    assert (fast.double() - general).abs().max() < 1e-5
+    assert torch.equal(rope(x[1:2], 21), fast[1:2])  # position = start + row, one token at a time
+
+
+def test_fused_rms_norm_matches_formula():
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(3)) * 5
+    w = torch.rand(32, generator=torch.Generator().manual_seed(4)) + 0.5
+    fused = rms_norm(x, w, 1e-5)  # float32: F.rms_norm
+    formula = rms_norm(x.double(), w.double(), 1e-5)  # float64 takes the written-out formula
+    assert (fused.double() - formula).abs().max() < 1e-5
+    assert torch.allclose(formula, x.double() / x.double().pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * w.double())
