@@ -522,7 +522,8 @@ def measure_gpus(gpus: list[GpuInfo]) -> list[GpuInfo]:
         if i >= torch.cuda.device_count():
             out.append(g)
             continue
-        out.append(dataclasses.replace(g, **_measure_cuda_device(torch, i)))
+        with torch.cuda.device(i):  # events, streams and the matmul all on that GPU
+            out.append(dataclasses.replace(g, **_measure_cuda_device(torch, i)))
     return out
 
 

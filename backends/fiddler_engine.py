@@ -31,7 +31,7 @@ class FiddlerEngine(OffloadEngine):
         super().__init__(card, n_ctx, threads, device)
         model = self.model
         store = model.experts
-        cpu_experts = GgmlExperts(store, model.cpu)  # the runtime's fast CPU kernel
+        cpu_experts = GgmlExperts(store, model.cpu_kernels)  # the runtime's fast CPU kernel
         model.expert_backend = cpu_experts  # calibration runs all experts on the CPU
         counts = cached_counts(model, card.path, lambda t: self.tokenizer.tokenize(t), progress,
                                calibration_prompts or CALIBRATION_PROMPTS)

@@ -41,7 +41,7 @@ class HobbitEngine(OffloadEngine):
                   else default_vram_budget(model, self.devices, total))
         high_budget = int(budget * HIGH_FRACTION)
         cache = HobbitCache(high_budget, budget - high_budget, model.args.n_layers, DEFAULT_WEIGHTS)
-        routers = stack_routers([r.float() for r in model.routers()]).to(self.devices.gpu)
+        routers = stack_routers(model.routers()).to(self.devices.gpu)
         a = model.args
         self.backend = HobbitExperts(store, self.devices, low, cache, routers, a.n_experts,
                                      a.n_experts_used, model.dtype, allow_skip=skip,

@@ -58,6 +58,8 @@ class TorchEngine:
             for i in range(0, len(tokens), PREFILL_CHUNK):
                 chunk = torch.tensor(tokens[i : i + PREFILL_CHUNK], dtype=torch.long)
                 out.append(self.model.forward(chunk, self.cache, start + i, all_logits))
+        if torch.device(self.model.device).type == "cuda":
+            torch.cuda.synchronize()  # queued GPU work is part of this step's time
         del self.evaluated[start:]
         self.evaluated.extend(tokens)
         return torch.cat(out) if all_logits else out[-1]

@@ -77,3 +77,24 @@ def test_routing_of_every_layer_and_token_is_visible(q8_model):
         assert ids.shape == (4, 2) and ids.dtype == torch.int64
         assert torch.allclose(w.sum(-1), torch.ones(4))  # Mixtral renormalises the top-2
     assert len({tuple(ids.flatten().tolist()) for _, ids, _ in tracer.trace}) > 1
+
+
+@pytest.mark.slow
+def test_ggml_experts_behind_a_torch_kernel_model(demo_model_q8):
+    """The Fiddler engine on a GPU: dense layers dequantized in torch (kernels="torch"), its
+    CPU experts on ggml's backend, which the model keeps for them; activations of another
+    dtype (the GPU runs float16) come back in that dtype."""
+    model = load_model(demo_model_q8, threads=1, max_tokens=16, kernels="torch")
+    assert model.cpu is None and model.cpu_kernels is not None  # dense: torch; experts: ggml
+    cpu_experts = GgmlExperts(model.experts, model.cpu_kernels)
+    rng = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 576, generator=rng)
+    ids = torch.randint(0, 8, (3, 2), generator=rng)
+    weights = torch.rand(3, 2, generator=rng)
+    full = cpu_experts.moe_forward(4, hidden, ids, weights)
+    half = cpu_experts.moe_forward(4, hidden.half(), ids, weights.half())
+    assert full.dtype == torch.float32 and half.dtype == torch.float16
+    assert ((half.float() - full).abs().max() / full.abs().max()) < 1e-2  # f16 input rounding
+    reference = TorchExperts(model.experts, "cpu", torch.float32, layers=(4,)).moe_forward(4, hidden, ids, weights)
+    assert ((full - reference).abs().max() / reference.abs().max()) < 3e-2
+    cpu_experts.close()

@@ -57,11 +57,18 @@ class CopyStream:
         event.record(self.stream)
         return event
 
-    @staticmethod
-    def wait(event) -> None:
-        """Make the current (compute) stream wait for `event` — no host-side spin."""
+    def wait(self, event) -> None:
+        """Make the compute stream (this stream's device's current one) wait for `event` —
+        no host-side spin."""
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            torch.cuda.current_stream(self.stream.device).wait_event(event)
+
+    def follow(self) -> None:
+        """Make this stream wait for everything queued on the compute stream so far. Call
+        before allocating on this stream: a cache entry freed just before may be reused at
+        once by the allocator while queued compute still reads it."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
 
 
 class StagingBuffer:

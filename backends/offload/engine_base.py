@@ -37,7 +37,20 @@ def default_vram_budget(model, devices, expert_bytes: int) -> int:
     if not devices.has_cuda:
         return int(CPU_STAND_IN_SHARE * expert_bytes)
     free, _ = torch.cuda.mem_get_info(devices.gpu)
-    return max(0, free - VRAM_RESERVE)
+    return max(0, free - VRAM_RESERVE - gpu_workspace_bytes(model))
+
+
+def gpu_workspace_bytes(model) -> int:
+    """Transient GPU memory a forward step needs on top of the cached experts: a missed
+    expert dequantized whole (twice: the staged one and the next), and a prefill chunk's
+    attention scores and probabilities in float32 (three [H, chunk, n_ctx] tensors)."""
+    from moechat.backends.torch_engine import PREFILL_CHUNK
+
+    a, store = model.args, model.experts
+    expert = store.expert(store.layers[0], 0)
+    params = sum(t.shape[0] * t.shape[1] for t in (expert.gate, expert.up, expert.down))
+    scores = 3 * a.n_heads * PREFILL_CHUNK * model.max_tokens * 4
+    return 2 * params * model.dtype.itemsize + scores
 
 
 class OffloadEngine(TorchEngine):

@@ -76,6 +76,7 @@ class FiddlerExperts:
         for e in on_gpu:
             tok, slot = groups[e]
             y[tok, slot] = self.resident[(layer, e)].forward(x[tok]).float()
+        self._sync()  # the resident experts' work is done: neither copy times nor "gpu" miss it
         gpu_done = time.perf_counter()
         for e in to_copy:
             tok, slot = groups[e]

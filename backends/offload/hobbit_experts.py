@@ -96,11 +96,11 @@ class HobbitExperts:
         for key in [k for k in self.pending if k[0] == layer]:  # score last step's guesses
             s.prefetch_predicted += 1
             s.prefetch_correct += int(key[1] in need)
-            CopyStream.wait(self.pending.pop(key))
+            self.stream.wait(self.pending.pop(key))
 
         x = hidden.to(self.dtype)
         y = torch.zeros(t_count, n_used, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-        keep = torch.ones(t_count, n_used, dtype=torch.bool)
+        keep = torch.ones(t_count, n_used, dtype=torch.bool, device=hidden.device)
         start = time.perf_counter()
         for e, (tok, slot) in token_groups(expert_ids).items():
             key, want = (layer, e), need[e]
@@ -131,7 +131,7 @@ class HobbitExperts:
             t0 = time.perf_counter()
             self._prefetch(layer, hidden, predicted)
             s.add_time("prefetch", time.perf_counter() - t0)
-        gw = gate_weights.to(y.device) * keep.to(y.device)  # skipped experts contribute nothing
+        gw = gate_weights.to(y.device) * keep  # skipped experts contribute nothing
         return combine(y, gw).to(hidden.dtype)
 
     def _predict(self, layer, hidden):
@@ -143,8 +143,10 @@ class HobbitExperts:
             predicted = self._predict(layer, hidden[-1:])
         if predicted.shape[1] == 0:
             return
+        moe_layers = self.store.layers  # a dense layer has nothing to fetch
         targets = adaptive_targets(predicted[-1].cpu().numpy(), layer, self.n_layers,
-                                   lambda k: k in self.high or k in self.low)
+                                   lambda k: k[0] not in moe_layers or k in self.high or k in self.low)
+        self.stream.follow()  # evicted entries may still be read by queued compute
         with self.stream.context():
             for key in targets:
                 self._admit(key, False, self._load_low(key), protect=True)

@@ -16,10 +16,14 @@ MAX_DEPTH = 3
 
 
 def stack_routers(routers):
-    """routers: L tensors [E, D] -> [L·E, D] (torch)."""
+    """routers: L tensors [E, D], None for a layer without experts -> [L·E, D] (torch).
+    A dense layer's rows are zeros: it predicts nothing worth fetching (its "experts" are
+    never missing, see HobbitExperts._prefetch)."""
     import torch
 
-    return torch.cat([r.float() for r in routers], dim=0)
+    present = [r for r in routers if r is not None]
+    return torch.cat([r.float() if r is not None else torch.zeros_like(present[0], dtype=torch.float32)
+                      for r in routers], dim=0)
 
 
 def predict_experts(stacked, gate_input, layer: int, n_layers: int, n_experts: int,

@@ -129,10 +129,12 @@ class GgmlExperts:
             self.layers[l] = QuantExperts(*weights, cpu)
 
     def moe_forward(self, layer, hidden, expert_ids, gate_weights):
-        # the CPU path's activations are float32; weighting and the in-order sum over the
-        # active experts run in the same ggml graph, as in llama.cpp
-        y = self.layers[layer](hidden.numpy(), expert_ids.numpy(), gate_weights.numpy())
-        return torch.from_numpy(y)  # [T, D]
+        # weighting and the in-order sum over the active experts run in the same ggml graph,
+        # as in llama.cpp; the CPU path's float32 CPU tensors pass through without a copy
+        # (a GPU model's activations — the Fiddler engine's calibration — come and go back)
+        x = hidden.float().cpu().numpy()
+        y = self.layers[layer](x, expert_ids.cpu().numpy(), gate_weights.float().cpu().numpy())
+        return torch.from_numpy(y).to(hidden.device, hidden.dtype)  # [T, D]
 
     def close(self):
         for q in self.layers.values():

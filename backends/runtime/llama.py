@@ -45,6 +45,7 @@ class Model:
         self.args, self.weights, self.experts = args, weights, experts
         self.expert_backend = expert_backend
         self.device, self.dtype, self.cpu = device, dtype, cpu
+        self.max_tokens = max_tokens  # the longest context the RoPE tables cover
         self.layers = [self.load_layer(i) for i in range(args.n_layers)]
         self.output_norm = self.tensor("output_norm.weight")
         head = "output.weight" if "output.weight" in weights else "token_embd.weight"

@@ -48,9 +48,9 @@ def load_model(path, device: str = "cpu", dtype: torch.dtype | None = None, thre
     store = ExpertStore(weights, args.n_layers, args.n_experts)
     if expert_backend is None and args.is_moe:
         expert_backend = GgmlExperts(store, cpu) if kernels == "ggml" else TorchExperts(store, device, dtype)
-    if kernels == "torch":
-        cpu = None  # dense layers dequantized to torch too
     module = importlib.import_module(f"moechat.backends.runtime.{ARCH_MODULES[args.arch]}")
-    model = module.Model(args, weights, store, expert_backend, device, dtype, cpu, max_tokens)
+    dense_cpu = cpu if kernels == "ggml" else None  # None: dense layers dequantized to torch too
+    model = module.Model(args, weights, store, expert_backend, device, dtype, dense_cpu, max_tokens)
     model.path = weights.path
+    model.cpu_kernels = cpu  # ggml's CPU backend, also on a GPU: the offload engines' CPU experts
     return model

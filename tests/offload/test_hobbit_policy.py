@@ -126,3 +126,20 @@ def test_decode_traffic_falls_with_the_budget(demo_trace):
     hit_l, bytes_l = decode_traffic(demo_trace, large, PriorityWeights())
     assert hit_l > hit_s and bytes_l < bytes_s
     assert 0 < bytes_s <= demo_trace.n_layers * demo_trace.top_k * 1000 + demo_trace.n_layers * 2 * 312
+
+
+def test_stacked_routers_leave_dense_layers_out():
+    """A model whose first layer is dense (no router): its stacked rows are zeros, and the
+    other layers' rows are their routers, in layer order."""
+    import torch
+
+    from moechat.backends.offload.prefetch import predict_experts, stack_routers
+
+    r1, r2 = torch.randn(4, 8), torch.randn(4, 8)
+    stacked = stack_routers([None, r1, r2])
+    assert stacked.shape == (12, 8)
+    assert torch.equal(stacked[:4], torch.zeros(4, 8))
+    assert torch.equal(stacked[4:8], r1) and torch.equal(stacked[8:], r2)
+    x = torch.randn(2, 8)
+    predicted = predict_experts(stacked, x, 0, 3, 4, 2, depth=2)  # layers 1 and 2 from layer 0
+    assert torch.equal(predicted[:, 0], (x @ r1.T).topk(2).indices)

@@ -153,3 +153,16 @@ def test_hobbit_engine_answers_with_low_precision_and_prefetch(demo_model):
     assert s["skips"] == 0
     assert 0 < s["prefetch_accuracy"] <= 1
     assert second[-1].stats["bytes_moved"] < s["bytes_moved"]  # stats are per reply
+
+
+def test_gpu_workspace_covers_a_dequantized_expert_and_attention(runtime):
+    """The VRAM the default budget keeps back beyond the fixed reserve: room for a missed
+    expert dequantized whole (twice) and a prefill chunk's float32 attention scores."""
+    from moechat.backends.offload.engine_base import gpu_workspace_bytes
+    from moechat.backends.torch_engine import PREFILL_CHUNK
+
+    model = runtime[0]
+    a = model.args
+    expert_params = 3 * a.dim * model.experts.expert(0, 0).gate.shape[0]  # gate, up, down
+    scores = a.n_heads * PREFILL_CHUNK * model.max_tokens * 4
+    assert gpu_workspace_bytes(model) >= 2 * expert_params * model.dtype.itemsize + scores
