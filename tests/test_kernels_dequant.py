@@ -46,8 +46,11 @@ def test_other_types_refused_by_name(qtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
-    data = random_blocks("Q4_K", 16, 512, np.random.default_rng(0))
-    cpu = dequant.dequantize(data, "Q4_K")
-    gpu = dequant.dequantize(data, "Q4_K", device="cuda")
+@pytest.mark.parametrize("qtype", dequant.SUPPORTED)
+def test_cuda_matches_cpu(qtype):
+    data = random_blocks(qtype, 16, 512, np.random.default_rng(0))
+    cpu = dequant.dequantize(data, qtype)
+    gpu = dequant.dequantize(data, qtype, device="cuda")
     assert torch.equal(gpu.cpu(), cpu)
+    half = dequant.dequantize(data, qtype, dtype=torch.float16, device="cuda")  # what the runtime asks for
+    assert half.dtype == torch.float16 and torch.equal(half.cpu(), cpu.half())

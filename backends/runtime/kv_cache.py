@@ -1,8 +1,9 @@
 """The KV cache: one explicit object, a preallocated [L, Hkv, S_max, Dh] buffer per K and V.
 
 Stored in float16 by default, as llama.cpp does (its default cache type is f16), so that the
-attention sees the same rounded keys and values. The buffer is allocated zeroed and lazily
-(the OS maps pages on first write), so a long context costs memory only as it fills.
+attention sees the same rounded keys and values. On the CPU the buffer is allocated zeroed
+and lazily (the OS maps pages on first write), so a long context costs memory only as it
+fills; on a GPU the whole buffer is committed up front.
 """
 
 from __future__ import annotations
