@@ -375,14 +375,14 @@ class QuantLinear:
             raise ValueError(f"QuantLinear needs a 2-D weight, got {weight.shape}")
         self.weight, self.backend = weight, backend
         self.in_features, self.out_features = weight.shape
-        self._graphs: dict[int, _MatmulGraph] = {}  # decode's graph (T == 1)
+        self._graphs: dict[tuple, _MatmulGraph] = {}  # decode's graph (T == 1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, D] (or [D]) float32 -> [T, N] (or [N]) float32."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, weight expects {self.in_features}")
         x2 = x.reshape(-1, self.in_features)
-        y = _cached_call(self._graphs, x2.shape[0], _MatmulGraph, self.backend, self.weight, x2.shape[0], inputs=(x2,))
+        y = _cached_call(self._graphs, (x2.shape[0],), _MatmulGraph, self.backend, self.weight, x2.shape[0], inputs=(x2,))
         return y[0] if x.ndim == 1 else y
 
     def close(self) -> None:
@@ -391,15 +391,15 @@ class QuantLinear:
         self._graphs.clear()
 
 
-def _cached_call(graphs: dict, key, build, *build_args, inputs: tuple) -> np.ndarray:
-    """Run the graph `build(*build_args)` on `inputs`. Decode's graphs (key[0] or key == 1:
-    one token) are built once and kept per key; a prefill's is built, run and freed, so its
-    large intermediates do not stay resident per layer."""
+def _cached_call(graphs: dict, key: tuple, build, *build_args, inputs: tuple) -> np.ndarray:
+    """Run the graph `build(*build_args)` on `inputs`; key = (n_tokens, anything else the graph
+    depends on). Decode's graphs (one token) are built once and kept per key; a prefill's is
+    built, run and freed, so its large intermediates do not stay resident per layer."""
     g = graphs.get(key)
     if g is not None:
         return g(*inputs)
     g = build(*build_args)
-    if (key[0] if isinstance(key, tuple) else key) == 1:
+    if key[0] == 1:
         graphs[key] = g
         return g(*inputs)
     try:
@@ -435,13 +435,13 @@ class QuantLinearGroup:
             raise ValueError(f"weights of one group need one input size: {[w.shape for w in weights]}")
         self.weights, self.backend = weights, backend
         self.in_features = weights[0].shape[0]
-        self._graphs: dict[int, _MultiMatmulGraph] = {}  # decode's graph (T == 1)
+        self._graphs: dict[tuple, _MultiMatmulGraph] = {}  # decode's graph (T == 1)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         """x [T, D] float32 -> [[T, N_i] float32 for each weight]."""
         x2 = x.reshape(-1, self.in_features)
-        return _cached_call(self._graphs, x2.shape[0], _MultiMatmulGraph, self.backend, self.weights, x2.shape[0],
-                            inputs=(x2,))
+        return _cached_call(self._graphs, (x2.shape[0],), _MultiMatmulGraph, self.backend, self.weights,
+                            x2.shape[0], inputs=(x2,))
 
     def close(self) -> None:
         for g in self._graphs.values():
