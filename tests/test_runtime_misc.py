@@ -68,8 +68,8 @@ def test_torch_kernel_path_matches_ggml_path():
 
     tokens = torch.tensor([1, 504, 3575, 282, 4649, 314, 7042, 30])
     out = []
-    # float16 is what a GPU runs (its RMSNorm, RoPE and residual stream take the general,
-    # non-float32 code paths); torch on the CPU computes it too, slowly
+    # float16 weights are what a GPU multiplies (activations stay float32); torch on the
+    # CPU computes that too, slowly
     for kernels, dtype in (("ggml", None), ("torch", None), ("torch", torch.float16)):
         model = load_model(smollm2_path(), threads=1, max_tokens=16, kernels=kernels, dtype=dtype)
         with torch.inference_mode():
@@ -78,5 +78,5 @@ def test_torch_kernel_path_matches_ggml_path():
     # ggml rounds activations to Q8_1 for these Q4_1 weights; torch multiplies exact values
     assert np.abs(ggml_logits - torch_logits).max() < 2.5
     assert (ggml_logits.argmax(-1) == torch_logits.argmax(-1)).mean() >= 0.75
-    assert np.abs(half_logits - torch_logits).max() < 0.5  # measured 0.08
+    assert np.abs(half_logits - torch_logits).max() < 0.5  # measured 0.07
     assert (half_logits.argmax(-1) == torch_logits.argmax(-1)).all()

@@ -20,7 +20,8 @@ class Linear:
     With a ggml CPU backend, ggml's kernel runs on the quantized bytes in place (llama.cpp's
     speed and numerics, nothing dequantized) — or, for the types ggml has a faster
     interleaved layout for (Q4_0 on AVX2), on a repacked copy, as llama.cpp does. Otherwise (a GPU, or the CPU with
-    kernels="torch"), W is dequantized once into `dtype` on `device`."""
+    kernels="torch"), W is dequantized once into `dtype` on `device`, and float32 activations
+    are multiplied in that dtype and come back float32."""
 
     def __init__(self, weight: RawTensor, bias: torch.Tensor | None, device: str,
                  dtype: torch.dtype, cpu: CpuBackend | None, release=None):
@@ -39,7 +40,7 @@ class Linear:
         if self.ggml is not None:
             y = torch.from_numpy(self.ggml(x.numpy()))
         else:
-            y = x @ self.w.T
+            y = (x.to(self.w.dtype) @ self.w.T).to(x.dtype)  # stored (float16) x float32 activations
         return y if self.bias is None else y + self.bias
 
 

@@ -55,8 +55,11 @@ class Model:
                          args.rope_scale, factors.data if factors is not None else None, device)
 
     # ---- loading --------------------------------------------------------------------------
+    # Activations (the residual stream, norms, RoPE, attention) are float32 on every device,
+    # as in llama.cpp; `dtype` is what dequantized matrices are stored and multiplied in
+    # (float16 on a GPU). Small vectors (norm weights, biases) stay float32.
     def tensor(self, name: str) -> torch.Tensor:
-        return self.weights.dense(name, self.dtype, self.device)
+        return self.weights.dense(name, torch.float32, self.device)
 
     def optional(self, name: str) -> torch.Tensor | None:
         return self.tensor(name) if name in self.weights else None
@@ -91,7 +94,7 @@ class Model:
 
     # ---- forward --------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # [T] -> [T, D]
-        return self.weights.rows("token_embd.weight", tokens).to(self.device, self.dtype)
+        return self.weights.rows("token_embd.weight", tokens).to(self.device)  # float32
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, start: int, all_logits: bool = True) -> torch.Tensor:
         """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V], the last)."""
