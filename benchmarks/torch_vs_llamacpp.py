@@ -8,6 +8,7 @@ median of the rounds and the ratio torch ÷ llama.cpp.
     python benchmarks/torch_vs_llamacpp.py                       # demo (Q8_0 experts) + Mixtral-shaped
     python benchmarks/torch_vs_llamacpp.py --model X.gguf --rounds 5 --threads 2
     python benchmarks/torch_vs_llamacpp.py --profile             # where torch's decode time goes
+    python benchmarks/torch_vs_llamacpp.py --device cuda         # GPU: all layers offloaded on both sides
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def default_models() -> list[Path]:
 # ---- one measurement (runs in a subprocess) ----------------------------------------------
 
 
-def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, profile: bool) -> dict:
+def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, profile: bool,
+            device: str = "cpu") -> dict:
     import resource
 
     import psutil
@@ -55,8 +57,11 @@ def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, 
         import llama_cpp
 
         rss_before_load = psutil.Process().memory_info().rss
+        if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+            raise SystemExit("this llama-cpp-python build has no GPU offload (README: CMAKE_ARGS=-DGGML_CUDA=on)")
         llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_decode + 8, n_batch=512,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
+                              n_threads=threads, n_threads_batch=threads, verbose=False,
+                              n_gpu_layers=-1 if device == "cuda" else 0)
         t0 = time.perf_counter()
         llm.eval(prompt)
         llama_cpp.llama_synchronize(llm.ctx)
@@ -74,11 +79,17 @@ def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, 
 
         torch.set_num_threads(1)  # as the torch engine does: ggml's pool does the heavy work
         rss_before_load = psutil.Process().memory_info().rss
-        model = load_model(path, threads=threads, max_tokens=n_prompt + n_decode + 8)
+        model = load_model(path, device=device, threads=threads, max_tokens=n_prompt + n_decode + 8)
+
+        def sync():
+            if device == "cuda":
+                torch.cuda.synchronize()
+
         cache = model.new_cache(n_prompt + n_decode + 8)
         with torch.inference_mode():
             t0 = time.perf_counter()
             logits = model.forward(torch.tensor(prompt), cache, 0, all_logits=False)
+            sync()
             prefill_s = time.perf_counter() - t0
             token, pos = int(logits[-1].argmax()), n_prompt
 
@@ -106,15 +117,28 @@ def measure(engine: str, path: str, threads: int, n_prompt: int, n_decode: int, 
         "decode_tok_s": n_decode / decode_s,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_load": rss_before_load,  # the interpreter and its libraries (torch: ~0.23 GB)
+        "peak_vram": _peak_vram(engine, device),
     }
+
+
+def _peak_vram(engine: str, device: str) -> int:
+    """torch's peak allocation on the GPU (0 on the CPU; llama.cpp's is not visible here)."""
+    if device != "cuda" or engine != "torch":
+        return 0
+    import torch
+
+    return torch.cuda.max_memory_allocated()
 
 
 def run_one(engine: str, path: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--model", str(path), "--threads", str(args.threads),
+           "--device", args.device,
            "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
     if args.profile and engine == "torch":
         cmd.append("--profile")
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's errors go to stderr
+    if out.returncode != 0:
+        raise SystemExit(f"the {engine} round on {path.name} failed (exit {out.returncode})")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,6 +151,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="GGUF path (repeatable; default: demo Q8_0 + Mixtral-shaped)")
     p.add_argument("--threads", type=int, default=default_threads())
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the torch runtime on the GPU and llama.cpp with every layer offloaded")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -135,11 +161,16 @@ def main() -> int:
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.model[0], args.threads, args.prompt_tokens,
-                                 args.decode_tokens, args.profile)))
+                                 args.decode_tokens, args.profile, args.device)))
         return 0
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA GPU here")
     models = [Path(m) for m in args.model] if args.model else default_models()
-    print(f"threads {args.threads}, prompt {args.prompt_tokens} tok, decode {args.decode_tokens} tok, "
+    print(f"device {args.device}, threads {args.threads}, prompt {args.prompt_tokens} tok, decode {args.decode_tokens} tok, "
           f"{args.rounds} alternating rounds, median shown; load average {os.getloadavg()[0]:.1f}")
     print(header := "| model | file GB | engine | prefill tok/s | decode tok/s | peak RSS GB | RSS / file "
                     "| RSS before load GB | (peak − before load) / file |")
@@ -163,6 +194,9 @@ def main() -> int:
         per_round = [t["decode_tok_s"] / l["decode_tok_s"] for t, l in zip(results["torch"], results["llama.cpp"])]
         print(f"| {path.name} | | **torch ÷ llama.cpp** | {ratio_p:.2f} | **{ratio_d:.2f}** "
               f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)}) | | | | |")
+        if args.device == "cuda":
+            vram = statistics.median(r["peak_vram"] for r in results["torch"])
+            print(f"(torch peak GPU allocation on {path.name}: {vram / 1e9:.2f} GB)")
     return 0
 
 
