@@ -59,6 +59,7 @@ _SIGNATURES = {
     "ggml_mul": (_p, [_p, _p, _p]),
     "ggml_add": (_p, [_p, _p, _p]),
     "ggml_cont": (_p, [_p, _p]),
+    "ggml_rms_norm": (_p, [_p, _p, ctypes.c_float]),
     "ggml_view_2d": (_p, [_p, _p, _i64, _i64, _size, _size]),
     "ggml_new_graph": (_p, [_p]),
     "ggml_build_forward_expand": (None, [_p, _p]),
@@ -408,40 +409,62 @@ def _cached_call(graphs: dict, key: tuple, build, *build_args, inputs: tuple) ->
         g.close()
 
 
-class _MultiMatmulGraph(_Graph):
-    """Several products of one input in one graph: one compute call (and one thread-team
-    start) instead of several — what the q, k and v projections of a layer need."""
+# ---- around a layer's attention: RMSNorm and the products that read it, in one graph -------
 
-    def __init__(self, backend: CpuBackend, weights: list, n_tokens: int):
+
+class _NormedProductsGraph(_Graph):
+    """h = x (+ W_in @ a);  n = rms_norm(h) * g;  ys = [W_i @ n]."""
+
+    def __init__(self, backend: CpuBackend, norm: QuantWeight, eps: float, weights: list,
+                 w_in, n_tokens: int):
         super().__init__(backend)
-        d = weights[0].shape[0]
+        d = norm.shape[0]
         x = self._new(GGML_TYPE_F32, d, n_tokens)  # [T, D]
-        ys = [self.lib.ggml_mul_mat(self.ctx, self._weight(w), x) for w in weights]  # [T, N_i]
-        self._finish(*ys)
+        h, a = x, None
+        if w_in is not None:
+            a = self._new(GGML_TYPE_F32, w_in.shape[0], n_tokens)  # [T, Din]
+            h = self.lib.ggml_add(self.ctx, x, self.lib.ggml_mul_mat(self.ctx, self._weight(w_in), a))  # [T, D]
+        n = self.lib.ggml_mul(self.ctx, self.lib.ggml_rms_norm(self.ctx, h, eps), self._weight(norm))  # [T, D]
+        ys = [self.lib.ggml_mul_mat(self.ctx, self._weight(w), n) for w in weights]  # [T, N_i]
+        outs = ([h, n] if w_in is not None else []) + ys
+        self._finish(*outs)
         self.x = self._view(x, (n_tokens, d))
-        self.ys = [self._view(y, (n_tokens, w.shape[1])) for y, w in zip(ys, weights)]
+        self.a = self._view(a, (n_tokens, w_in.shape[0])) if w_in is not None else None
+        shapes = ([(n_tokens, d)] * 2 if w_in is not None else []) + [(n_tokens, w.shape[1]) for w in weights]
+        self.outs = [self._view(t, shape) for t, shape in zip(outs, shapes)]
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, x: np.ndarray, a: np.ndarray | None) -> list[np.ndarray]:
         np.copyto(self.x, x)
+        if self.a is not None:
+            np.copyto(self.a, a)
         self._run()
-        return [y.copy() for y in self.ys]
+        return [o.copy() for o in self.outs]
 
 
-class QuantLinearGroup:
-    """[x @ W_i.T for each W_i] for weights that share their input (same D), in one graph."""
+class NormedLinears:
+    """One graph for each step around a layer's attention, as llama.cpp computes them:
+    without `w_in`:  x -> [W_i @ (rms_norm(x) * g)]                    (the q, k, v products)
+    with `w_in`:     (x, a) -> [h = x + W_in @ a, n = rms_norm(h) * g, W_i @ n ...]
+                                     (output projection and residual, then the router or a
+                                      dense FFN's gate and up products)
+    x [T, D] float32; the norm weight g is an F32 (D, 1) QuantWeight; graphs cached per T."""
 
-    def __init__(self, weights: list, backend: CpuBackend):
-        if len({w.shape[0] for w in weights}) != 1 or any(len(w.shape) != 2 for w in weights):
-            raise ValueError(f"weights of one group need one input size: {[w.shape for w in weights]}")
-        self.weights, self.backend = weights, backend
-        self.in_features = weights[0].shape[0]
-        self._graphs: dict[tuple, _MultiMatmulGraph] = {}  # decode's graph (T == 1)
+    def __init__(self, norm: QuantWeight, eps: float, weights: list, backend: CpuBackend, w_in=None):
+        d = norm.shape[0]
+        if norm.ggml_type != GGML_TYPE_F32 or norm.shape != (d, 1):
+            raise ValueError(f"the norm weight must be F32 of shape (D, 1), got type {norm.ggml_type} {norm.shape}")
+        if any(w.shape[0] != d or len(w.shape) != 2 for w in weights) or (w_in is not None and w_in.shape[1] != d):
+            raise ValueError(f"weights do not fit D={d}: {[w.shape for w in weights]}, in {getattr(w_in, 'shape', None)}")
+        self.norm, self.eps, self.weights, self.backend, self.w_in = norm, float(eps), weights, backend, w_in
+        self.dim = d
+        self._graphs: dict[tuple, _NormedProductsGraph] = {}  # decode's graph (T == 1)
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        """x [T, D] float32 -> [[T, N_i] float32 for each weight]."""
-        x2 = x.reshape(-1, self.in_features)
-        return _cached_call(self._graphs, (x2.shape[0],), _MultiMatmulGraph, self.backend, self.weights,
-                            x2.shape[0], inputs=(x2,))
+    def __call__(self, x: np.ndarray, a: np.ndarray | None = None) -> list[np.ndarray]:
+        x2 = x.reshape(-1, self.dim)
+        if (a is None) != (self.w_in is None):
+            raise ValueError("pass `a` exactly when the step has an input projection")
+        return _cached_call(self._graphs, (x2.shape[0],), _NormedProductsGraph, self.backend, self.norm, self.eps,
+                            self.weights, self.w_in, x2.shape[0], inputs=(x2, a))
 
     def close(self) -> None:
         for g in self._graphs.values():

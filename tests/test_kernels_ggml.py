@@ -112,3 +112,36 @@ def test_repacked_q4_0_gives_the_same_products(backend):
     plain, fast = ggml.QuantLinear(w, backend)(x), ggml.QuantLinear(packed, backend)(x)
     assert _rel_err(fast, plain) < 1e-5 and _rel_err(fast, x @ dense.T) < Q8_ACTIVATION_TOLERANCE
     assert not ggml.can_repack(ggml.random_quant_weight("Q8_0", 64, 256)[0])  # unknown rule: not taken
+
+
+def test_normed_linears_match_numpy(backend):
+    """The steps around a layer's attention in one graph: RMSNorm (llama.cpp's), the norm
+    weight, the products that read it — and, with an input projection, the residual first."""
+    rng = np.random.default_rng(5)
+    dim, d_in, eps = 64, 96, 1e-5
+    g = ggml.aligned_empty(dim * 4, np.float32)
+    g[:] = rng.uniform(0.5, 1.5, dim)
+    norm = ggml.QuantWeight(g, ggml.GGML_TYPE_F32, (dim, 1))
+    (wq, q), (wk, k) = ggml.random_quant_weight("F32", 32, dim, 1), ggml.random_quant_weight("F16", 16, dim, 2)
+    w_in, w_in_dense = ggml.random_quant_weight("F32", dim, d_in, 3)
+
+    def rms(h):
+        return h / np.sqrt((h.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * g
+
+    qkv = ggml.NormedLinears(norm, eps, [wq, wk], backend)
+    post = ggml.NormedLinears(norm, eps, [wq], backend, w_in=w_in)
+    for n_tokens in (1, 3, 1):  # the one-token graph is cached and re-run
+        x = rng.standard_normal((n_tokens, dim), dtype=np.float32) * 3
+        a = rng.standard_normal((n_tokens, d_in), dtype=np.float32)
+        yq, yk = qkv(x)
+        assert yq.shape == (n_tokens, 32) and yk.shape == (n_tokens, 16)
+        assert _rel_err(yq, rms(x) @ q.T) < 1e-5
+        assert _rel_err(yk, rms(x) @ k.T) < TOLERANCE["F16"]  # F16 weights: x rounded to f16
+        h, n, yr = post(x, a)  # flat: [h, n, W_i @ n ...]
+        assert _rel_err(h, x + a @ w_in_dense.T) < 1e-5
+        assert _rel_err(n, rms(h)) < 1e-5
+        assert _rel_err(yr, rms(h) @ q.T) < 1e-5
+    with pytest.raises(ValueError, match="exactly when"):
+        qkv(x, a)
+    with pytest.raises(ValueError, match="D="):
+        ggml.NormedLinears(norm, eps, [w_in], backend)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moechat.backends.runtime.gguf_weights import RawTensor
-from moechat.kernels.ggml import CpuBackend, QuantLinear, QuantLinearGroup, maybe_repack
+from moechat.kernels.ggml import GGML_TYPE_F32, CpuBackend, NormedLinears, QuantLinear, QuantWeight, maybe_repack
 
 
 class Linear:
@@ -44,17 +44,31 @@ class Linear:
         return y if self.bias is None else y + self.bias
 
 
-def linear_group(linears: list[Linear]):
-    """A function x -> [l(x) for l in linears]; on the CPU one ggml graph computes them all."""
-    if any(l.ggml is None for l in linears):
-        return lambda x: [l(x) for l in linears]
-    group = QuantLinearGroup([l.ggml.weight for l in linears], linears[0].ggml.backend)
+def normed_linears(norm: torch.Tensor, eps: float, linears: list[Linear], w_in: Linear | None = None):
+    """A layer's step around its attention, as one function (one ggml graph on the CPU):
+    without w_in:  x -> [l(rms_norm(x) * norm) for l in linears]               (q, k, v)
+    with w_in:     (x, a) -> (h = x + w_in(a), n = rms_norm(h) * norm, [l(n) for l in linears])
+    (output projection and residual, then the router or a dense FFN's gate and up)."""
+    on_ggml = all(l.ggml is not None for l in linears) and (w_in is None or (w_in.ggml is not None and w_in.bias is None))
+    if not on_ggml or norm.device.type != "cpu":
+        def composed(x, a=None):
+            h = x if w_in is None else x + w_in(a)
+            n = rms_norm(h, norm, eps)
+            ys = [l(n) for l in linears]
+            return ys if w_in is None else (h, n, ys)
 
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        ys = group(x.numpy())
-        return [torch.from_numpy(y) if l.bias is None else torch.from_numpy(y) + l.bias for y, l in zip(ys, linears)]
+        return composed
+    backend = (w_in or linears[0]).ggml.backend
+    g = QuantWeight(norm.numpy(), GGML_TYPE_F32, (norm.shape[0], 1))  # keeps `norm` alive
+    group = NormedLinears(g, eps, [l.ggml.weight for l in linears], backend, None if w_in is None else w_in.ggml.weight)
 
-    return run
+    def fused(x, a=None):
+        outs = [torch.from_numpy(o) for o in group(x.numpy(), None if a is None else a.numpy())]
+        ys = outs[len(outs) - len(linears):]
+        ys = [y if l.bias is None else y + l.bias for y, l in zip(ys, linears)]
+        return ys if w_in is None else (outs[0], outs[1], ys)
+
+    return fused
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

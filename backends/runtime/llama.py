@@ -3,6 +3,8 @@ architectures' files adapt (qwen2moe.py, qwen3moe.py, olmoe.py).
 
 Per layer:  h = x + Wo·attn(rope(Wq·n1(x)), rope(Wk·n1(x)), Wv·n1(x))
             y = h + ffn(n2(h)),  ffn = SwiGLU (dense) or the routed experts (MoE)
+On the CPU, n1 with the q/k/v products, and Wo with the residual, n2 and the router (or the
+dense gate and up products), each run as one ggml graph (layers.normed_linears).
 
 Axis legend: T tokens, D model dim, H heads, Hkv kv heads, Dh head dim, E experts,
 A active experts, V vocabulary.
@@ -18,7 +20,7 @@ from moechat.backends.runtime.config import ModelArgs
 from moechat.backends.runtime.experts import ExpertBackend, ExpertStore, route
 from moechat.backends.runtime.gguf_weights import GGUFWeights
 from moechat.backends.runtime.kv_cache import KVCache
-from moechat.backends.runtime.layers import Linear, Rope, attention, linear_group, rms_norm, swiglu
+from moechat.backends.runtime.layers import Linear, Rope, attention, normed_linears, rms_norm, swiglu
 from moechat.kernels.ggml import CpuBackend
 
 
@@ -33,9 +35,15 @@ class LayerWeights:
     router: Linear | None  # D -> E (MoE layers)
     ffn: tuple[Linear, Linear, Linear] | None  # dense gate, up, down
     extra: dict  # architecture-specific tensors (q/k norms, shared expert ...)
+    eps: float  # RMSNorm epsilon
 
     def __post_init__(self):
-        self.qkv = linear_group([self.wq, self.wk, self.wv])  # x -> [q, k, v], one ggml call
+        # one ggml graph each on the CPU (normed_linears):
+        # x -> [q, k, v] of attn_norm(x)
+        self.qkv = normed_linears(self.attn_norm, self.eps, [self.wq, self.wk, self.wv])
+        # (x, attention output) -> (h = x + Wo·attn, ffn_norm(h), [router logits] or [gate, up])
+        reads_norm = [self.router] if self.router is not None else list(self.ffn[:2])
+        self.post_attention = normed_linears(self.ffn_norm, self.eps, reads_norm, w_in=self.wo)
 
 
 class Model:
@@ -81,6 +89,7 @@ class Model:
             router=self.linear(p + "ffn_gate_inp.weight") if moe else None,
             ffn=None if moe else tuple(self.linear(f"{p}ffn_{n}.weight") for n in ("gate", "up", "down")),
             extra=self.load_extra(i),
+            eps=self.args.norm_eps,
         )
 
     def load_extra(self, i: int) -> dict:
@@ -100,14 +109,17 @@ class Model:
         """tokens [T] at positions start..start+T-1 -> logits [T, V] (or [1, V], the last)."""
         x = self.embed(tokens)  # [T, D]
         for i, layer in enumerate(self.layers):
-            x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.args.norm_eps), cache, start)
-            x = x + self.feed_forward(i, layer, rms_norm(x, layer.ffn_norm, self.args.norm_eps))
+            attn = self.attention(i, layer, x, cache, start)  # [T, H*Dh]
+            x, h, reads_h = layer.post_attention(x, attn)  # x + Wo·attn, ffn_norm of it, router or gate/up of that
+            x = x + self.feed_forward(i, layer, h, reads_h)
         cache.advance(start + tokens.shape[0])
         if not all_logits:
             x = x[-1:]
         return self.output(rms_norm(x, self.output_norm, self.args.norm_eps)).float()  # [T, V]
 
     def attention(self, i: int, layer: LayerWeights, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """x [T, D] (the residual stream; attn_norm is applied with the q/k/v products) ->
+        attention output [T, H*Dh], before the output projection."""
         a, t = self.args, x.shape[0]
         q, k, v = layer.qkv(x)
         q = q.view(t, a.n_heads, a.head_dim)  # [T, H, Dh]
@@ -117,20 +129,22 @@ class Model:
         qk = self.rope(torch.cat([q, k], dim=1), start)  # [T, H+Hkv, Dh]: one rotation for both
         q, k = qk[:, : a.n_heads], qk[:, a.n_heads :]
         k_all, v_all = cache.update(i, start, k, v)  # [Hkv, S, Dh]
-        return layer.wo(attention(q, k_all, v_all, start, a.attn_scale))  # [T, D]
+        return attention(q, k_all, v_all, start, a.attn_scale)  # [T, H*Dh]
 
     def qk_norm(self, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor):
         return q, k
 
-    def feed_forward(self, i: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, i: int, layer: LayerWeights, x: torch.Tensor, reads_x: list[torch.Tensor]) -> torch.Tensor:
+        """x [T, D] (ffn_norm applied), reads_x: [router logits [T, E]] (MoE) or [gate(x), up(x)]
+        (dense), computed with the norm -> [T, D]."""
         if layer.router is None:
-            gate, up, down = layer.ffn
-            return down(swiglu(gate(x), up(x)))
-        return self.routed_experts(i, layer, x)
+            gate, up = reads_x
+            return layer.ffn[2](swiglu(gate, up))
+        return self.routed_experts(i, x, reads_x[0])
 
-    def routed_experts(self, i: int, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def routed_experts(self, i: int, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         a = self.args
-        expert_ids, gate_weights = route(layer.router(x), a.n_experts_used, a.norm_topk,
+        expert_ids, gate_weights = route(router_logits, a.n_experts_used, a.norm_topk,
                                          a.expert_weights_scale)  # [T, A], [T, A]
         return self.expert_backend.moe_forward(i, x, expert_ids, gate_weights)  # [T, D]
 

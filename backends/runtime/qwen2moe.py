@@ -20,8 +20,8 @@ class Model(llama.Model):
             "shared_gate": self.tensor(f"{p}ffn_gate_inp_shexp.weight"),  # [D]
         }
 
-    def feed_forward(self, i, layer, x):
-        out = super().feed_forward(i, layer, x)  # routed experts [T, D]
+    def feed_forward(self, i, layer, x, reads_x):
+        out = super().feed_forward(i, layer, x, reads_x)  # routed experts [T, D]
         if "shared" in layer.extra:
             gate, up, down = layer.extra["shared"]
             shared = down(swiglu(gate(x), up(x)))  # [T, D]
