@@ -48,11 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moechat.backends.engine import Sampling
+    from moechat.backends.engines.engine import Sampling
     from moechat.backends.errors import MoechatError
     from moechat.backends.manager import open_engine
-    from moechat.backends.model_card import read_model_card
-    from moechat.backends.model_resolve import resolve_model
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.model.model_resolve import resolve_model
 
     from moechat.app.history import History, ReplyWriter, chat_messages, reply_stats, title_from
 

@@ -35,11 +35,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import resource
 
-    from moechat.app.hardware_profile import load_profile
+    from moechat.backends.plan.hardware_profile import load_profile
     from moechat.app.plan_cmd import time_llama
     from moechat.backends.errors import MoechatError
     from moechat.backends.manager import open_engine
-    from moechat.backends.model_resolve import resolve_card
+    from moechat.backends.model.model_resolve import resolve_card
 
     card = resolve_card(args.model)
     profile = load_profile(progress=None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr)))

@@ -43,22 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moechat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module_name in COMMANDS.items():
-        module = _command_module(module_name)
-        if module is None:
-            continue
+        module = importlib.import_module(f"moechat.app.{module_name}")
         sub_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub_parser)
         sub_parser.set_defaults(run=module.run)
     return parser
-
-
-def _command_module(module_name: str):
-    try:
-        return importlib.import_module(f"moechat.app.{module_name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"moechat.app.{module_name}":
-            return None  # a command not built yet
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_tui(argv: list[str]) -> int:
-    try:
-        tui = importlib.import_module("moechat.app.tui_cmd")
-    except ModuleNotFoundError as err:
-        if err.name != "moechat.app.tui_cmd":
-            raise
-        raise MoechatError("the chat app is not built yet; use `moechat ask \"...\"`") from err
+    tui = importlib.import_module("moechat.app.tui_cmd")
     parser = _Parser(prog="moechat", description="Open the chat app.")
     tui.add_arguments(parser)
     return int(tui.run(parser.parse_args(argv)) or 0)

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
 def list_models(remote_headers: bool = False) -> list[dict]:
     """One dict per catalogue quant, then per downloaded GGUF that is not in the catalogue."""
-    from moechat.backends import hub
-    from moechat.backends.catalogue import load_catalogue
+    from moechat.backends.model import hub
+    from moechat.backends.model.catalogue import load_catalogue
 
     rows, seen = [], set()
     for entry in load_catalogue().values():
@@ -70,7 +70,7 @@ def _row(**fields) -> dict:
 
 def _add_plan(row: dict, remote_headers: bool) -> None:
     from moechat.backends.errors import MoechatError
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     if not row["local"] and not remote_headers:
         return
@@ -78,7 +78,7 @@ def _add_plan(row: dict, remote_headers: bool) -> None:
         if row["local"]:
             card = read_model_card(row["path"])
         else:
-            from moechat.backends import hub
+            from moechat.backends.model import hub
 
             card = hub.read_remote_card(row["repo"], row["files"][0])
             row["size_bytes"] = card.file_bytes  # as the hub reports it
@@ -90,8 +90,8 @@ def _add_plan(row: dict, remote_headers: bool) -> None:
 
 def plan_columns(card) -> tuple[bool | None, float | None]:
     """(fits, predicted decode tok/s) of the planner's choice on this machine."""
-    from moechat.app.hardware_profile import load_profile
-    from moechat.backends.planner import make_plan
+    from moechat.backends.plan.hardware_profile import load_profile
+    from moechat.backends.plan.planner import make_plan
 
     choice = make_plan(card, load_profile()).choice
     return bool(choice.fits), round(float(choice.decode_tok_s), 1)

@@ -38,10 +38,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from moechat.app.hardware_profile import load_profile, read_profile
+    from moechat.backends.plan.hardware_profile import load_profile, read_profile
     from moechat.backends.errors import MoechatError
-    from moechat.backends.model_resolve import resolve_card
-    from moechat.backends.planner import NoFitError, make_plan
+    from moechat.backends.model.model_resolve import resolve_card
+    from moechat.backends.plan.planner import NoFitError, make_plan
 
     if args.threads is not None and not args.measure:
         raise MoechatError("--threads goes with --measure")
@@ -63,7 +63,7 @@ def run(args) -> int:
     if args.measure:
         import dataclasses
 
-        from moechat.app.hardware_profile import profile_path, write_profile
+        from moechat.backends.plan.hardware_profile import profile_path, write_profile
 
         threads_changed = args.threads and args.threads != profile.threads
         if threads_changed:
@@ -145,7 +145,8 @@ def measure_candidates(card, plan, profile, args):
     best decode tok/s)}, the profile with the best speeds seen)."""
     import dataclasses
 
-    from moechat.app import hardware_profile as hp
+    from moechat.backends.plan import cpu_probes
+
     from moechat.backends.manager import engine_for_candidate
 
     chosen = [c for c in plan.candidates if c.fits and c.available]
@@ -160,9 +161,9 @@ def measure_candidates(card, plan, profile, args):
         runs = {c: (0.0, 0.0) for c in chosen}
         rounds = max(1, args.rounds)
         for r in range(rounds):
-            ram = hp.measure_ram_read_gbs(profile.threads, profile.cpu.llc_bytes, 1.0, statistic)
-            matvec, _ = hp.measure_cpu_matvec_gbs(profile.threads, 1.0, statistic)
-            op_s = hp.measure_cpu_op_s(profile.threads)
+            ram = cpu_probes.measure_ram_read_gbs(profile.threads, profile.cpu.llc_bytes, 1.0, statistic)
+            matvec, _ = cpu_probes.measure_cpu_matvec_gbs(profile.threads, 1.0, statistic)
+            op_s = cpu_probes.measure_cpu_op_s(profile.threads)
             ram_sum, op_sum = keep(ram_sum, ram), min(op_sum or op_s, op_s)  # per-op cost: best round
             matvec_sum = {q: keep(matvec_sum.get(q, 0.0), v) for q, v in matvec.items()}
             print(f"round {r + 1}: RAM read {ram:.1f} GB/s, ggml op {op_s * 1e6:.1f} us, matvec "

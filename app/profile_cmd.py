@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from moechat.app.hardware_profile import load_profile, profile_path
+    from moechat.backends.plan.hardware_profile import load_profile, profile_path
 
     progress = None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr))
     profile = load_profile(refresh=args.refresh, progress=progress)

@@ -20,12 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moechat.backends.errors import MoechatError
-    from moechat.backends.model_resolve import lookup
+    from moechat.backends.model.model_resolve import lookup
 
     ref = lookup(args.model)
     if not ref.on_hub:
         raise MoechatError(f"{args.model} is a local file; pull takes a catalogue name or org/repo:file.gguf")
-    from moechat.backends import hub
+    from moechat.backends.model import hub
 
     if ref.local is None:
         sha = ref.sha256 or (None,) * len(ref.files)

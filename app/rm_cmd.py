@@ -13,12 +13,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moechat.backends.errors import MoechatError
-    from moechat.backends.model_resolve import lookup
+    from moechat.backends.model.model_resolve import lookup
 
     ref = lookup(args.model)
     if not ref.on_hub:
         raise MoechatError(f"{args.model}: rm deletes models fetched with `moechat pull`, not local files")
-    from moechat.backends import hub
+    from moechat.backends.model import hub
 
     freed = hub.remove(ref.repo, list(ref.files))
     if not freed and ref.local is None:

@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from moechat.app.history import History
 
     if args.model:  # a bad path is a one-line error before the screen opens
-        from moechat.backends.model_card import read_model_card
-        from moechat.backends.model_resolve import resolve_model
+        from moechat.backends.model.model_card import read_model_card
+        from moechat.backends.model.model_resolve import resolve_model
 
         read_model_card(resolve_model(args.model))
     history = History()  # likewise an unreadable history file

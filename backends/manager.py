@@ -10,9 +10,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from moechat.backends.cost_model import RUNTIME_OVERHEAD_BYTES
+from moechat.backends.plan.cost_model import RUNTIME_OVERHEAD_BYTES
 from moechat.backends.errors import MoechatError
-from moechat.backends.model_card import ModelCard
+from moechat.backends.model.model_card import ModelCard
 
 ENGINES = ("auto", "llama.cpp", "torch", "fiddler", "hobbit")
 GIB = 1024**3
@@ -82,7 +82,7 @@ def open_engine(
 ):
     """Open the engine the user asked for, or the planner's choice for this machine ("auto").
 
-    With "auto" and no --n-cpu-moe, the plan (backends/planner.py, on this machine's cached
+    With "auto" and no --n-cpu-moe, the plan (backends/plan/planner.py, on this machine's cached
     profile) picks engine and placement; `engine` or `n_cpu_moe` given by the user win."""
     if engine not in ENGINES:
         raise MoechatError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
@@ -94,11 +94,8 @@ def open_engine(
         if choice is not None:
             return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads)
     if engine in ("auto", "llama.cpp"):
-        from moechat.backends.llamacpp_engine import (
-            LlamaCppEngine,
-            LlamaCppPlacement,
-            gpu_offload_supported,
-        )
+        from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
+        from moechat.backends.plan.gpu_probes import gpu_offload_supported
 
         if n_cpu_moe is not None:
             if not card.is_moe:
@@ -112,7 +109,7 @@ def open_engine(
     if engine == "torch":
         if n_cpu_moe is not None:
             raise MoechatError("--n-cpu-moe is a llama.cpp engine option; the torch engine places experts itself")
-        from moechat.backends.torch_engine import TorchEngine
+        from moechat.backends.engines.torch_engine import TorchEngine
 
         return TorchEngine(card, n_ctx=n_ctx, threads=threads)
     if engine in ("fiddler", "hobbit"):
@@ -136,10 +133,10 @@ def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, h
     except ValueError as err:
         raise MoechatError(f"--vram-budget: {err}") from None
     if engine == "fiddler":
-        from moechat.backends.fiddler_engine import FiddlerEngine
+        from moechat.backends.engines.fiddler_engine import FiddlerEngine
 
         return FiddlerEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget)
-    from moechat.backends.hobbit_engine import HobbitEngine
+    from moechat.backends.engines.hobbit_engine import HobbitEngine
 
     return HobbitEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget,
                         low_format=hobbit_low, skip=skip)
@@ -149,8 +146,8 @@ def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
     """The plan's choice on this machine's cached profile (or, before `moechat profile` has run,
     its facts with nominal speeds: a chat never waits for a benchmark). A model that fits nowhere is refused
     unless force."""
-    from moechat.app.hardware_profile import load_profile
-    from moechat.backends.planner import NoFitError, make_plan
+    from moechat.backends.plan.hardware_profile import load_profile
+    from moechat.backends.plan.planner import NoFitError, make_plan
 
     try:
         return make_plan(card, load_profile(measure=False), n_ctx=n_ctx).choice
@@ -167,7 +164,7 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
                                     threads, None, "auto", False)
     if candidate.engine != "llama.cpp":
         raise MoechatError(f"the {candidate.engine} engine is not available in this build yet")
-    from moechat.backends.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
+    from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
 
     if candidate.placement == "moe":
         placement = LlamaCppPlacement("moe", candidate.n_cpu_moe or 0)

@@ -35,11 +35,11 @@ def main() -> None:
     import gguf
 
     from hub_server import FakeHub
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     paths = args.gguf
     if not paths:
-        from moechat.backends.demo_model import demo_model_path
+        from moechat.backends.model.demo_model import demo_model_path
 
         paths = [demo_model_path(progress=False)]
 
@@ -47,7 +47,7 @@ def main() -> None:
     for path in paths:
         hub.add("bench/models", path.name, path)
     os.environ["HF_ENDPOINT"] = hub.start()
-    from moechat.backends import hub as hub_api
+    from moechat.backends.model import hub as hub_api
 
     print(f"{'file':<48} {'size':>9} {'card':>8} {'GGUFReader':>11} {'ratio':>6} "
           f"{'remote':>8} {'read':>9} {'of file':>8}")

@@ -74,7 +74,7 @@ def candidates(q4_blocks: list[np.ndarray], x: np.ndarray, threads: int, c_lib, 
     import torch
     import torch.nn.functional as F
 
-    from moechat.kernels import dequant, ggml
+    from moechat.kernels import dequant, ggml, ggml_ops
 
     torch.set_num_threads(threads)
     backend = ggml.CpuBackend(threads)
@@ -84,17 +84,17 @@ def candidates(q4_blocks: list[np.ndarray], x: np.ndarray, threads: int, c_lib, 
         return max(2, -(-mib * 2**20 // nbytes))
 
     n = min(len(q4_blocks), count(q4_blocks[0].nbytes))
-    mapped = [ggml.QuantLinear(ggml.QuantWeight(b, q4, (COLS, ROWS)), backend) for b in q4_blocks[:n]]
+    mapped = [ggml_ops.QuantLinear(ggml.QuantWeight(b, q4, (COLS, ROWS)), backend) for b in q4_blocks[:n]]
     yield "ggml Q4_0", q4_blocks[0].nbytes, n, lambda i: mapped[i](x)
-    packed = [ggml.QuantLinear(ggml.PackedWeight(l.weight), backend) for l in mapped]
+    packed = [ggml_ops.QuantLinear(ggml.PackedWeight(l.weight), backend) for l in mapped]
     yield "ggml Q4_0 repack", q4_blocks[0].nbytes, n, lambda i: packed[i](x)
     for l in mapped + packed:
         l.close()
     del mapped, packed
 
     rng = np.random.default_rng(1)
-    q8 = [ggml.random_blocks("Q8_0", ROWS, COLS, rng) for _ in range(count(ROWS * COLS // 32 * 34))]
-    q8_lin = [ggml.QuantLinear(ggml.QuantWeight(b, ggml.ggml_type_id("Q8_0"), (COLS, ROWS)), backend) for b in q8]
+    q8 = [ggml_ops.random_blocks("Q8_0", ROWS, COLS, rng) for _ in range(count(ROWS * COLS // 32 * 34))]
+    q8_lin = [ggml_ops.QuantLinear(ggml.QuantWeight(b, ggml.ggml_type_id("Q8_0"), (COLS, ROWS)), backend) for b in q8]
     yield "ggml Q8_0 (other weights: no error column)", q8[0].nbytes, len(q8), lambda i: q8_lin[i](x)
     for l in q8_lin:
         l.close()
@@ -158,11 +158,11 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
 
-    from moechat.kernels import ggml
+    from moechat.kernels import ggml_ops
 
     rng = np.random.default_rng(0)
     n_q4 = max(2, -(-args.mib * 2**20 // (ROWS * Q4_0_ROW_BYTES)))
-    q4_blocks = [ggml.random_blocks("Q4_0", ROWS, COLS, rng) for _ in range(n_q4)]
+    q4_blocks = [ggml_ops.random_blocks("Q4_0", ROWS, COLS, rng) for _ in range(n_q4)]
     x = rng.standard_normal(COLS, dtype=np.float32)
     exact = dequant_q4_0(q4_blocks[0]).astype(np.float64) @ x.astype(np.float64)  # matrix 0
     q4_mb = q4_blocks[0].nbytes / 1e6

@@ -21,10 +21,10 @@ def run(model, store, routers, tokens, low, budget_share, t1, t2, skip, full=Fal
     import torch
 
     from moechat.backends.offload.devices import pick_devices
-    from moechat.backends.offload.engine_base import all_expert_bytes
+    from moechat.backends.engines.offload_engine import all_expert_bytes
     from moechat.backends.offload.hobbit_cache import DEFAULT_WEIGHTS, HobbitCache
     from moechat.backends.offload.hobbit_experts import HobbitExperts
-    from moechat.backends.hobbit_engine import HIGH_FRACTION
+    from moechat.backends.engines.hobbit_engine import HIGH_FRACTION
 
     a = model.args
     budget = int(all_expert_bytes(store) * (1.0 if full else budget_share))
@@ -49,11 +49,11 @@ def run(model, store, routers, tokens, low, budget_share, t1, t2, skip, full=Fal
 def main(argv=None) -> int:
     import torch
 
-    from moechat.backends.demo_model import demo_model_path
+    from moechat.backends.model.demo_model import demo_model_path
     from moechat.backends.offload.calibration import CALIBRATION_PROMPTS
     from moechat.backends.offload.low_copies import load_or_build
     from moechat.backends.offload.prefetch import stack_routers
-    from moechat.backends.prompt import ChatTokenizer
+    from moechat.backends.engines.prompt import ChatTokenizer
     from moechat.backends.runtime import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

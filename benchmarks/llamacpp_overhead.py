@@ -16,10 +16,11 @@ import sys
 
 import llama_cpp
 
-from moechat.backends.engine import Sampling
-from moechat.backends.llamacpp_engine import LlamaCppEngine, default_threads
-from moechat.backends.model_card import read_model_card
-from moechat.backends.model_resolve import resolve_model
+from moechat.backends.engines.engine import Sampling
+from moechat.backends.engines.llamacpp_engine import LlamaCppEngine
+from moechat.backends.plan.threads import default_threads
+from moechat.backends.model.model_card import read_model_card
+from moechat.backends.model.model_resolve import resolve_model
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 

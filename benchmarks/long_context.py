@@ -72,7 +72,7 @@ def measure_torch(path: str, contexts: list[int], steps: int, threads: int) -> d
 
 
 def main() -> int:
-    from moechat.backends.llamacpp_engine import default_threads
+    from moechat.backends.plan.threads import default_threads
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="GGUF path (default: the demo model with Q8_0 experts)")
@@ -89,7 +89,7 @@ def main() -> int:
         return 0
 
     if args.model is None:
-        from moechat.backends.demo_model import UpcycleRecipe, demo_model_path
+        from moechat.backends.model.demo_model import UpcycleRecipe, demo_model_path
 
         args.model = str(demo_model_path(UpcycleRecipe(expert_type="Q8_0"), progress=True))
     results: dict[str, list[dict]] = {"llama.cpp": [], "torch": []}

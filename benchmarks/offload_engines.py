@@ -20,7 +20,7 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 
 
 def measure(engine, tokens: int):
-    from moechat.backends.engine import Sampling
+    from moechat.backends.engines.engine import Sampling
 
     last = None
     for event in engine.generate(PROMPT, Sampling(max_tokens=tokens)):
@@ -29,12 +29,12 @@ def measure(engine, tokens: int):
 
 
 def main(argv=None) -> int:
-    from moechat.backends.demo_model import demo_model_path
-    from moechat.backends.fiddler_engine import FiddlerEngine
-    from moechat.backends.hobbit_engine import HobbitEngine
-    from moechat.backends.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
-    from moechat.backends.model_card import read_model_card
-    from moechat.backends.torch_engine import TorchEngine
+    from moechat.backends.model.demo_model import demo_model_path
+    from moechat.backends.engines.fiddler_engine import FiddlerEngine
+    from moechat.backends.engines.hobbit_engine import HobbitEngine
+    from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.engines.torch_engine import TorchEngine
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model")

@@ -7,7 +7,7 @@ For every model: the plan on this machine's profile, then `plan --measure`'s alt
 rounds (re-measure bandwidths, time each fitting candidate; best of rounds). Prints one row
 per candidate run: predicted and measured decode tok/s, the error, and the predicted time
 split (weights vs overheads) with the measured per-token time, from which the overhead
-constants in backends/cost_model.py were fitted (docs/cost-model.md).
+constants in backends/plan/cost_model.py were fitted (docs/cost-model.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def model_path(spec: str) -> Path:
     if spec == "demo":
-        from moechat.backends.demo_model import demo_model_path
+        from moechat.backends.model.demo_model import demo_model_path
 
         return demo_model_path()
     from tests.fixtures.random_geometry import random_geometry_path
@@ -33,11 +33,11 @@ def model_path(spec: str) -> Path:
 
 
 def main() -> int:
-    from moechat.app.hardware_profile import load_profile
+    from moechat.backends.plan.hardware_profile import load_profile
     from moechat.app.plan_cmd import measure_candidates
-    from moechat.backends import cost_model as cm
-    from moechat.backends.model_card import read_model_card
-    from moechat.backends.planner import make_plan, placement_of
+    from moechat.backends.plan import cost_model as cm
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.plan.planner import make_plan, placement_of
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)

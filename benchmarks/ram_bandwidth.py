@@ -38,18 +38,18 @@ def run_stream(exe: Path, threads: int, elements: int, reps: int, read_only: boo
 
 
 def main() -> int:
-    from moechat.app import hardware_profile as hp
+    from moechat.backends.plan import cpu_probes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=hp.cpu_facts().usable_cores)
+    parser.add_argument("--threads", type=int, default=cpu_probes.cpu_facts().usable_cores)
     args = parser.parse_args()
-    llc = hp.cpu_facts().llc_bytes
+    llc = cpu_probes.cpu_facts().llc_bytes
     elements = max(64 << 20, 4 * llc // 8)  # doubles per array
     exe = compile_stream()
     rows, best = [], {"profile": 0.0, "read_gbs": 0.0, "copy_gbs": 0.0, "triad_gbs": 0.0}
     for r in range(args.rounds):
-        prof = hp.measure_ram_read_gbs(args.threads, llc)
+        prof = cpu_probes.measure_ram_read_gbs(args.threads, llc)
         stream = run_stream(exe, args.threads, elements, 40, read_only=False)
         stream["read_gbs"] = max(stream["read_gbs"], run_stream(exe, args.threads, elements, 200, True)["read_gbs"])
         rows.append((r + 1, prof, stream))

@@ -34,7 +34,7 @@ def record(args) -> int:
     import torch
     from llama_cpp import Llama
 
-    from moechat.backends.demo_model import demo_model_path
+    from moechat.backends.model.demo_model import demo_model_path
     from moechat.backends.offload.recording import RecordingExperts
     from moechat.backends.runtime import load_model
 
@@ -109,13 +109,13 @@ def replay_cmd(args) -> int:
 def fiddler_cmd(args) -> int:
     """Fiddler's placement and decisions on a trace, for each machine profile: calibrate on
     the first half, replay the second, Mixtral-8x7B-sized Q4_0 experts."""
-    import json
 
     import numpy as np
 
     from moechat.backends.offload.fiddler_policy import (
-        ExpertShape, OffloadCosts, crossover_tokens, decode_expert_seconds, hit_rate,
-        place_experts, popularity_ranking, replay_fiddler)
+        ExpertShape, crossover_tokens, hit_rate, place_experts, popularity_ranking, replay_costs,
+        replay_fiddler)
+    from moechat.backends.plan.hardware_profile import read_profile
     from moechat.backends.offload.trace import load_trace
 
     trace = load_trace(Path(args.trace))
@@ -127,7 +127,7 @@ def fiddler_cmd(args) -> int:
     print(f"{'machine':<48} {'budget':>6} {'hit rate':>8} {'reverse':>8} {'copy from n':>11} "
           f"{'decode ms/tok':>13} {'all-CPU ms/tok':>14} {'prefill copies':>14}")
     for path in args.profiles:
-        costs = OffloadCosts.from_dict(json.loads(Path(path).read_text()))
+        costs = replay_costs(read_profile(path))
         for share in (0.25, 0.5):
             budget = int(share * trace.n_layers * trace.n_experts)
             placement = place_experts(popularity_ranking(calib.counts()), 1, budget)
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     f = sub.add_parser("fiddler")
     f.add_argument("trace")
     f.add_argument("--profiles", nargs="+", default=sorted(
-        str(p) for p in (Path(__file__).resolve().parents[1] / "tests/fixtures/offload_profiles").glob("*.json")))
+        str(p) for p in (Path(__file__).resolve().parents[1] / "tests/profiles").glob("*.json")))
     args = parser.parse_args(argv)
     return {"record": record, "replay": replay_cmd, "fiddler": fiddler_cmd}[args.cmd](args)
 

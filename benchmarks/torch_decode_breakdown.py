@@ -32,7 +32,7 @@ def timed(owner, name: str, label: str, totals: dict) -> None:
 def main() -> int:
     import torch
 
-    from moechat.backends.llamacpp_engine import default_threads
+    from moechat.backends.plan.threads import default_threads
     from moechat.backends.runtime import experts, kv_cache, layers, llama, load_model
     from moechat.kernels import ggml
 
@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64)
     args = p.parse_args()
     if args.model is None:
-        from moechat.backends.demo_model import UpcycleRecipe, demo_model_path
+        from moechat.backends.model.demo_model import UpcycleRecipe, demo_model_path
 
         args.model = str(demo_model_path(UpcycleRecipe(expert_type="Q8_0"), progress=True))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def default_models() -> list[Path]:
-    from moechat.backends.demo_model import UpcycleRecipe, demo_model_path
+    from moechat.backends.model.demo_model import UpcycleRecipe, demo_model_path
 
     models = [demo_model_path(UpcycleRecipe(expert_type="Q8_0"), progress=True)]
     try:
@@ -146,7 +146,7 @@ def run_one(engine: str, path: Path, args) -> dict:
 
 
 def main() -> int:
-    from moechat.backends.llamacpp_engine import default_threads
+    from moechat.backends.plan.threads import default_threads
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="GGUF path (repeatable; default: demo Q8_0 + Mixtral-shaped)")

@@ -36,7 +36,7 @@ def main() -> None:
 async def run(args) -> None:
     from moechat.app.tui.app import MoechatApp
     from moechat.app.tui.model_loader import EngineOptions
-    from moechat.backends.engine import Sampling
+    from moechat.backends.engines.engine import Sampling
 
     sampling = Sampling(max_tokens=args.tokens)
     app = MoechatApp(args.model, EngineOptions(threads=args.threads, ctx=2048))

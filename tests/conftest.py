@@ -20,14 +20,14 @@ def _isolated_data_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
     """The built-in demo MoE (SmolLM2 upcycled, 8 experts, top-2, F16), built once."""
-    from moechat.backends.demo_model import demo_model_path
+    from moechat.backends.model.demo_model import demo_model_path
 
     return demo_model_path(progress=False)
 
 
 @pytest.fixture(scope="session")
 def demo_model_q8() -> Path:
-    from moechat.backends.demo_model import UpcycleRecipe, demo_model_path
+    from moechat.backends.model.demo_model import UpcycleRecipe, demo_model_path
 
     return demo_model_path(UpcycleRecipe(expert_type="Q8_0"), progress=False)
 

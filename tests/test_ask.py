@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from moechat.backends.demo_model import UpcycleRecipe, demo_model_path
+from moechat.backends.model.demo_model import UpcycleRecipe, demo_model_path
 
 PARIS = "What is the capital of France? Answer in one sentence."
 

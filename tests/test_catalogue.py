@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hub_server import write_tiny_moe
-from moechat.backends.catalogue import catalogue_path, find, load_catalogue, suggest
+from moechat.backends.model.catalogue import catalogue_path, find, load_catalogue, suggest
 from moechat.backends.errors import MoechatError
 
 GOOD_MODEL = """
@@ -50,7 +50,7 @@ def test_shipped_catalogue_is_found_from_the_checkout_and_meets_the_bar(monkeypa
 
 
 def test_shipped_catalogue_lists_every_shard_of_split_models():
-    from moechat.backends.model_card import SPLIT_NAME_RE, split_shard_names
+    from moechat.backends.model.model_card import SPLIT_NAME_RE, split_shard_names
 
     for entry in load_catalogue().values():
         for quant in entry.quants.values():
@@ -117,7 +117,7 @@ def test_find_and_suggest(tmp_path):
 def test_lookup_tells_path_hub_file_and_catalogue_apart(tmp_path, monkeypatch, tiny):
     from huggingface_hub import constants
 
-    from moechat.backends.model_resolve import lookup, resolve_model
+    from moechat.backends.model.model_resolve import lookup, resolve_model
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert lookup(str(tiny)).local == tiny and not lookup(str(tiny)).on_hub
@@ -140,7 +140,7 @@ def test_lookup_tells_path_hub_file_and_catalogue_apart(tmp_path, monkeypatch, t
 def test_header_parser_agrees_with_gguf_reader(tiny):
     import gguf
 
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     card = read_model_card(tiny)
     reader = gguf.GGUFReader(tiny)
@@ -152,7 +152,7 @@ def test_header_parser_agrees_with_gguf_reader(tiny):
 
 
 def test_header_parser_errors_are_one_line(tmp_path, tiny):
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     data = tiny.read_bytes()
     cases = {
@@ -170,7 +170,7 @@ def test_header_parser_errors_are_one_line(tmp_path, tiny):
 
 def test_plan_columns_use_the_planner(tiny):
     from moechat.app.models_cmd import plan_columns
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     fits, decode = plan_columns(read_model_card(tiny))
     assert isinstance(fits, bool) and decode > 0

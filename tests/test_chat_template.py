@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moechat.backends.chat_template import render_chat
+from moechat.backends.engines.chat_template import render_chat
 from moechat.backends.errors import MoechatError
 
 MESSAGES = [{"role": "user", "content": "hi"}]

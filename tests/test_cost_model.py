@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moechat.app.hardware_profile import read_profile  # noqa: E402
-from moechat.backends import cost_model as cm  # noqa: E402
+from moechat.backends.plan.hardware_profile import read_profile  # noqa: E402
+from moechat.backends.plan import cost_model as cm  # noqa: E402
 from tests.fixtures.random_geometry import geometry_card  # noqa: E402
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -104,6 +104,6 @@ def test_kv_cache_grows_memory_with_context(laptop):
 def test_cost_model_does_not_import_torch():
     import subprocess
 
-    code = ("import sys; import moechat.backends.cost_model, moechat.backends.planner; "
+    code = ("import sys; import moechat.backends.plan.cost_model, moechat.backends.plan.planner; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from moechat.app import hardware_profile as hp
+from moechat.backends.plan import cpu_probes, gpu_probes
+from moechat.backends.plan import hardware_profile as hp
 
 PROFILES = Path(__file__).parent / "profiles"
 
@@ -24,10 +25,10 @@ def cache(tmp_path, monkeypatch):
 def test_facts_match_psutil():
     import psutil
 
-    cpu = hp.cpu_facts()
+    cpu = cpu_probes.cpu_facts()
     assert cpu.logical_cores == psutil.cpu_count()
     assert 1 <= cpu.usable_cores <= cpu.logical_cores
-    assert set(cpu.isa) <= set(hp.ISA_FLAGS)
+    assert set(cpu.isa) <= set(cpu_probes.ISA_FLAGS)
     assert cpu.llc_bytes >= 256 * 1024
     facts = hp.facts_profile()
     assert facts.ram.total_bytes == psutil.virtual_memory().total
@@ -36,25 +37,25 @@ def test_facts_match_psutil():
 
 def test_ram_read_measures_bytes_over_time(monkeypatch):
     calls = []
-    real = hp._best_time
+    real = cpu_probes._best_time
 
     def spy(fn, seconds, *args):
         t = real(fn, seconds, *args)
         calls.append(t)
         return t
 
-    monkeypatch.setattr(hp, "_best_time", spy)
-    monkeypatch.setattr(hp, "MIN_STREAM_BYTES", 16 * 1024**2)
-    gbs = hp.measure_ram_read_gbs(threads=2, llc_bytes=1024**2, seconds=0.05)
+    monkeypatch.setattr(cpu_probes, "_best_time", spy)
+    monkeypatch.setattr(cpu_probes, "MIN_STREAM_BYTES", 16 * 1024**2)
+    gbs = cpu_probes.measure_ram_read_gbs(threads=2, llc_bytes=1024**2, seconds=0.05)
     assert gbs == pytest.approx(16 * 1024**2 / calls[0] / 1e9)
     assert gbs > 0
 
 
 def test_ggml_matvec_rate_covers_every_type(monkeypatch):
-    monkeypatch.setattr(hp, "MIN_MATVEC_BYTES", 4 * 1024**2)
-    monkeypatch.setattr(hp, "_llc_bytes", lambda: 256 * 1024)
-    rates, source = hp.measure_cpu_matvec_gbs(threads=1)
-    assert set(rates) == set(hp.MATVEC_QTYPES)
+    monkeypatch.setattr(cpu_probes, "MIN_MATVEC_BYTES", 4 * 1024**2)
+    monkeypatch.setattr(cpu_probes, "_llc_bytes", lambda: 256 * 1024)
+    rates, source = cpu_probes.measure_cpu_matvec_gbs(threads=1)
+    assert set(rates) == set(cpu_probes.MATVEC_QTYPES)
     assert all(r > 0 for r in rates.values())
     assert "ggml" in source
 
@@ -62,27 +63,27 @@ def test_ggml_matvec_rate_covers_every_type(monkeypatch):
 def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():
     import numpy as np
 
-    from moechat.kernels import ggml
+    from moechat.kernels import ggml, ggml_ops
 
     backend = ggml.CpuBackend(2)
     x = np.random.default_rng(1).standard_normal(512).astype(np.float32)
     try:
         for qtype in ("Q4_0", "Q4_K"):
-            w, dense = ggml.random_quant_weight(qtype, 64, 512)
+            w, dense = ggml_ops.random_quant_weight(qtype, 64, 512)
             if not ggml.can_repack(w, ggml.REPACK_TYPES):
                 pytest.skip("this CPU/build does not repack")
-            matvec = ggml.QuantLinear(ggml.maybe_repack(w, ggml.REPACK_TYPES), backend)
+            matvec = ggml_ops.QuantLinear(ggml.maybe_repack(w, ggml.REPACK_TYPES), backend)
             try:
                 y, ref = matvec(x), dense @ x
             finally:
                 matvec.close()
             # ggml quantizes x to Q8 before the dot product (~1e-2 relative), as llama.cpp does
             assert np.abs(y - ref).max() < 2e-2 * np.abs(ref).max()
-        assert not ggml.can_repack(ggml.random_quant_weight("Q8_0", 64, 512)[0], ggml.REPACK_TYPES)
-        assert not ggml.can_repack(ggml.random_quant_weight("Q4_0", 60, 512)[0], ggml.REPACK_TYPES)
+        assert not ggml.can_repack(ggml_ops.random_quant_weight("Q8_0", 64, 512)[0], ggml.REPACK_TYPES)
+        assert not ggml.can_repack(ggml_ops.random_quant_weight("Q4_0", 60, 512)[0], ggml.REPACK_TYPES)
     finally:
         backend.close()
-    assert 0 < hp.measure_cpu_op_s(1, seconds=0.05) < 0.1
+    assert 0 < cpu_probes.measure_cpu_op_s(1, seconds=0.05) < 0.1
 
 
 def test_profile_is_cached_and_reused(cache, monkeypatch):
@@ -103,7 +104,7 @@ def test_profile_is_cached_and_reused(cache, monkeypatch):
 def test_profile_command_json_from_cache(cache):
     recorded = hp.read_profile(PROFILES / "desktop-4090-ddr5.json")
     env = {"MOECHAT_CACHE_DIR": str(cache)}
-    code = ("from moechat.app import hardware_profile as hp; import sys, json; "
+    code = ("from moechat.backends.plan import hardware_profile as hp; import sys, json; "
             "hp.write_profile(hp.HardwareProfile.from_dict(json.load(open(sys.argv[1]))), hp.profile_path())")
     import os
 
@@ -125,5 +126,5 @@ def test_gpu_bandwidths_measured_with_cuda():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
-    gpus = hp.measure_gpus(hp.gpu_facts())
+    gpus = gpu_probes.measure_gpus(gpu_probes.gpu_facts())
     assert gpus and all(g.h2d_gbs > 0 and g.mem_gbs > 0 for g in gpus)

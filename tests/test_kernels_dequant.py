@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moechat.kernels import dequant
-from moechat.kernels.ggml import random_blocks
+from moechat.kernels.ggml_ops import random_blocks
 
 
 @pytest.mark.parametrize("qtype", dequant.SUPPORTED)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moechat.kernels import ggml
+from moechat.kernels import ggml, ggml_ops
 
 QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # ggml converts the activation to the weight's dot type first (F16/BF16 for those weights,
@@ -25,8 +25,8 @@ def _rel_err(y, ref):
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_matvec_and_matmul_match_dequantize(qtype, backend):
-    w, dense = ggml.random_quant_weight(qtype, 96, 512, seed=3)
-    linear = ggml.QuantLinear(w, backend)
+    w, dense = ggml_ops.random_quant_weight(qtype, 96, 512, seed=3)
+    linear = ggml_ops.QuantLinear(w, backend)
     rng = np.random.default_rng(0)
     tol = TOLERANCE.get(qtype, Q8_ACTIVATION_TOLERANCE)
     x1 = rng.standard_normal(512, dtype=np.float32)
@@ -46,12 +46,12 @@ def test_experts_match_reference(backend):
     n_experts, dim, ffn = 4, 64, 128
 
     def stacked(rows, cols):  # [E, rows, row_bytes] Q8_0 blocks, ggml shape (cols, rows, E)
-        data = ggml.random_blocks("Q8_0", n_experts * rows, cols, rng).reshape(n_experts, rows, -1)
+        data = ggml_ops.random_blocks("Q8_0", n_experts * rows, cols, rng).reshape(n_experts, rows, -1)
         dense = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0)
         return ggml.QuantWeight(data, ggml.ggml_type_id("Q8_0"), (cols, rows, n_experts)), dense
 
     (wg, g), (wu, u), (wd, d) = stacked(ffn, dim), stacked(ffn, dim), stacked(dim, ffn)
-    experts = ggml.QuantExperts(wg, wu, wd, backend)
+    experts = ggml_ops.QuantExperts(wg, wu, wd, backend)
     x = rng.standard_normal((5, dim), dtype=np.float32) * 3
     ids = rng.integers(0, n_experts, (5, 2))
     y = experts(x, ids)  # [T, A, D]
@@ -86,7 +86,7 @@ def test_experts_match_reference(backend):
 
 
 def test_bad_weights_are_refused_not_aborted():
-    w, _ = ggml.random_quant_weight("Q4_0", 8, 64)
+    w, _ = ggml_ops.random_quant_weight("Q4_0", 8, 64)
     with pytest.raises(ValueError, match="bytes"):
         ggml.QuantWeight(w.data.reshape(-1)[: w.nbytes - 18], w.ggml_type, w.shape)
     with pytest.raises(ValueError, match="multiple"):
@@ -98,20 +98,20 @@ def test_bad_weights_are_refused_not_aborted():
 
 
 def test_matvec_rate_is_measured():
-    rate = ggml.quantized_matvec_bytes_per_s("Q4_0", 512, 1024, threads=1, repeats=3)
+    rate = ggml_ops.quantized_matvec_bytes_per_s("Q4_0", 512, 1024, threads=1, repeats=3)
     assert 1e8 < rate < 1e13  # bytes/s: plausible for any CPU, and a real timing
 
 
 def test_repacked_q4_0_gives_the_same_products(backend):
     """ggml's interleaved Q4_0 layout (what llama.cpp uses on AVX2) reads the same blocks."""
-    w, dense = ggml.random_quant_weight("Q4_0", 64, 256, seed=5)
+    w, dense = ggml_ops.random_quant_weight("Q4_0", 64, 256, seed=5)
     if not ggml.can_repack(w):
         pytest.skip("no AVX2: ggml has no repacked Q4_0 layout on this CPU")
     packed = ggml.PackedWeight(w)
     x = np.random.default_rng(2).standard_normal((3, 256), dtype=np.float32)
-    plain, fast = ggml.QuantLinear(w, backend)(x), ggml.QuantLinear(packed, backend)(x)
+    plain, fast = ggml_ops.QuantLinear(w, backend)(x), ggml_ops.QuantLinear(packed, backend)(x)
     assert _rel_err(fast, plain) < 1e-5 and _rel_err(fast, x @ dense.T) < Q8_ACTIVATION_TOLERANCE
-    assert not ggml.can_repack(ggml.random_quant_weight("Q8_0", 64, 256)[0])  # unknown rule: not taken
+    assert not ggml.can_repack(ggml_ops.random_quant_weight("Q8_0", 64, 256)[0])  # unknown rule: not taken
 
 
 def test_normed_linears_match_numpy(backend):
@@ -122,14 +122,14 @@ def test_normed_linears_match_numpy(backend):
     g = ggml.aligned_empty(dim * 4, np.float32)
     g[:] = rng.uniform(0.5, 1.5, dim)
     norm = ggml.QuantWeight(g, ggml.GGML_TYPE_F32, (dim, 1))
-    (wq, q), (wk, k) = ggml.random_quant_weight("F32", 32, dim, 1), ggml.random_quant_weight("F16", 16, dim, 2)
-    w_in, w_in_dense = ggml.random_quant_weight("F32", dim, d_in, 3)
+    (wq, q), (wk, k) = ggml_ops.random_quant_weight("F32", 32, dim, 1), ggml_ops.random_quant_weight("F16", 16, dim, 2)
+    w_in, w_in_dense = ggml_ops.random_quant_weight("F32", dim, d_in, 3)
 
     def rms(h):
         return h / np.sqrt((h.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * g
 
-    qkv = ggml.NormedLinears(norm, eps, [wq, wk], backend)
-    post = ggml.NormedLinears(norm, eps, [wq], backend, w_in=w_in)
+    qkv = ggml_ops.NormedLinears(norm, eps, [wq, wk], backend)
+    post = ggml_ops.NormedLinears(norm, eps, [wq], backend, w_in=w_in)
     for n_tokens in (1, 3, 1):  # the one-token graph is cached and re-run
         x = rng.standard_normal((n_tokens, dim), dtype=np.float32) * 3
         a = rng.standard_normal((n_tokens, d_in), dtype=np.float32)
@@ -144,4 +144,4 @@ def test_normed_linears_match_numpy(backend):
     with pytest.raises(ValueError, match="exactly when"):
         qkv(x, a)
     with pytest.raises(ValueError, match="D="):
-        ggml.NormedLinears(norm, eps, [w_in], backend)
+        ggml_ops.NormedLinears(norm, eps, [w_in], backend)

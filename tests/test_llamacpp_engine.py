@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from moechat.backends.engine import Sampling
-from moechat.backends.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
-from moechat.backends.llamacpp_overrides import cpu_moe_patterns
-from moechat.backends.model_card import read_model_card
+from moechat.backends.engines.engine import Sampling
+from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
+from moechat.backends.engines.llamacpp_overrides import cpu_moe_patterns
+from moechat.backends.model.model_card import read_model_card
 
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 

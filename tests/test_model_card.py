@@ -25,8 +25,8 @@ from fixtures.tiny_models import (
     tiny_model_path,
 )
 
-from moechat.backends.demo_model import smollm2_path
-from moechat.backends.model_card import read_model_card
+from moechat.backends.model.demo_model import smollm2_path
+from moechat.backends.model.model_card import read_model_card
 
 MIB = 1 << 20
 N_CTX = 4096  # big enough that the logged KV size (MiB, 2 decimals) pins bytes per token

@@ -11,10 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moechat.app.hardware_profile import read_profile  # noqa: E402
-from moechat.backends import cost_model as cm  # noqa: E402
+from moechat.backends.plan.hardware_profile import read_profile  # noqa: E402
+from moechat.backends.plan import cost_model as cm  # noqa: E402
 from moechat.backends.errors import MoechatError  # noqa: E402
-from moechat.backends.planner import NoFitError, make_plan  # noqa: E402
+from moechat.backends.plan.planner import NoFitError, make_plan  # noqa: E402
 from tests.fixtures.random_geometry import geometry_card  # noqa: E402
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -127,9 +127,9 @@ def test_plan_table_and_errors(demo_model, tmp_path):
 
 
 def test_open_engine_auto_follows_the_plan_and_flags_override(demo_model, monkeypatch):
-    from moechat.app import hardware_profile as hp
+    from moechat.backends.plan import hardware_profile as hp
     from moechat.backends import manager
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     card = read_model_card(demo_model)
     seen = []

@@ -206,7 +206,7 @@ def test_corrupted_download_is_rejected_and_deleted(hub, env, fixture_files):
 
 
 def test_split_gguf_pulls_every_shard_and_reads_as_one_model(hub, env, fixture_files):
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     result = moechat(env, "pull", "tiny-split", "--quiet")
     assert result.returncode == 0, result.stderr
@@ -235,8 +235,8 @@ def test_hub_repo_file_spec_pulls_too_from_a_server_without_cdn(hub, env, fixtur
 def test_remote_card_reads_only_the_header(hub, env, fixture_files, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from moechat.backends.model_card import read_model_card
-    from moechat.backends.model_resolve import resolve_card
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.model.model_resolve import resolve_card
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("MOECHAT_CATALOGUE", env["MOECHAT_CATALOGUE"])
@@ -302,7 +302,7 @@ def test_models_json_works_offline_and_marks_what_is_local(hub, env):
 def test_pulled_model_resolves_by_name_then_rm_deletes_it(hub, env, monkeypatch):
     from huggingface_hub import constants
 
-    from moechat.backends.model_resolve import resolve_model
+    from moechat.backends.model.model_resolve import resolve_model
 
     path = Path(moechat(env, "pull", "tiny-moe", "--quiet").stdout.strip())
     monkeypatch.setenv("MOECHAT_CATALOGUE", env["MOECHAT_CATALOGUE"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moechat.backends.model_card import read_model_card  # noqa: E402
+from moechat.backends.model.model_card import read_model_card  # noqa: E402
 from tests.fixtures.random_geometry import GEOMETRIES, geometry_card, random_geometry_path  # noqa: E402
 
 

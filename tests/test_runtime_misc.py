@@ -63,7 +63,7 @@ def test_torch_kernel_path_matches_ggml_path():
     here it runs on the CPU against the ggml path on dense SmolLM2."""
     import numpy as np
 
-    from moechat.backends.demo_model import smollm2_path
+    from moechat.backends.model.demo_model import smollm2_path
     from moechat.backends.runtime import load_model
 
     tokens = torch.tensor([1, 504, 3575, 282, 4649, 314, 7042, 30])

@@ -52,7 +52,7 @@ def check_agreement(got, ref, tolerance, allowed_outliers=0, require_clear=True)
 
 
 def text_tokens(path, n=64):
-    from moechat.backends.prompt import ChatTokenizer
+    from moechat.backends.engines.prompt import ChatTokenizer
 
     tok = ChatTokenizer.open(path)
     try:
@@ -75,10 +75,10 @@ def test_demo_teacher_forced_64_positions(fixture, request):
 
 @pytest.mark.slow
 def test_greedy_answers_identical_to_llamacpp(demo_model):
-    from moechat.backends.engine import Sampling
-    from moechat.backends.llamacpp_engine import LlamaCppEngine
-    from moechat.backends.model_card import read_model_card
-    from moechat.backends.torch_engine import TorchEngine
+    from moechat.backends.engines.engine import Sampling
+    from moechat.backends.engines.llamacpp_engine import LlamaCppEngine
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.engines.torch_engine import TorchEngine
 
     card = read_model_card(demo_model)
     sampling = Sampling(max_tokens=24)
@@ -123,7 +123,7 @@ def prefill_then_decode(path, tokens, n_prefill):
 
 def test_prefill_then_cached_decode_equals_full_forward_dense():
     """Dense SmolLM2 (the zero-expert llama case): the cache path is exact."""
-    from moechat.backends.demo_model import smollm2_path
+    from moechat.backends.model.demo_model import smollm2_path
 
     path = smollm2_path()
     stepped, full = prefill_then_decode(path, text_tokens(path, 136), 128)

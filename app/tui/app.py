@@ -53,7 +53,7 @@ from moechat.app.tui.planner_bridge import predicted_decode_tok_s
 from moechat.app.tui.prompt_input import PromptInput
 from moechat.app.tui.sidebar import Sidebar
 from moechat.app.tui.status_bar import StatusBar
-from moechat.backends.engine import Sampling
+from moechat.backends.engines.engine import Sampling
 from moechat.backends.errors import MoechatError
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)

@@ -7,7 +7,7 @@ from typing import Any
 
 from textual.message import Message
 
-from moechat.backends.events import Event
+from moechat.backends.engines.events import Event
 
 
 class ModelLoadProgress(Message):

@@ -17,7 +17,7 @@ class EngineOptions:
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    engine: Any  # an Engine (backends/engine.py)
+    engine: Any  # an Engine (backends/engines/engine.py)
     name: str
     card: Any = None  # the ModelCard, for the plan screen
 
@@ -25,8 +25,8 @@ class LoadedModel:
 def open_model(spec: str | None, options: EngineOptions,
                progress: Callable[[str], None]) -> LoadedModel:
     from moechat.backends.manager import open_engine
-    from moechat.backends.model_card import read_model_card
-    from moechat.backends.model_resolve import resolve_model
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.model.model_resolve import resolve_model
 
     progress(f"finding {spec}" if spec else
              "preparing the demo model (built once on first run, about 20 s)")

@@ -9,9 +9,9 @@ import dataclasses
 def plan_text(card) -> str:
     """The plan as text, or why there is none. Slow the first time (it measures the machine):
     run it in a worker."""
-    from moechat.app.hardware_profile import load_profile
+    from moechat.backends.plan.hardware_profile import load_profile
     from moechat.backends.errors import MoechatError
-    from moechat.backends.planner import make_plan
+    from moechat.backends.plan.planner import make_plan
 
     if card is None:
         return "no model card for the loaded model"
@@ -47,9 +47,9 @@ def predicted_decode_tok_s(card, engine) -> float | None:
     """The cost model's decode speed for the loaded engine and placement, from the measured
     hardware profile in the cache (never measures: this runs while the model loads). None if
     unknown, or if the machine was never measured (nominal speeds would mislead)."""
-    from moechat.app.hardware_profile import load_profile, profile_path
+    from moechat.backends.plan.hardware_profile import load_profile, profile_path
     from moechat.backends.errors import MoechatError
-    from moechat.backends.planner import make_plan
+    from moechat.backends.plan.planner import make_plan
 
     if card is None or not profile_path().exists():
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from moechat.backends.events import Event
+from moechat.backends.engines.events import Event
 
 MODEL_CHARS = 40  # longer names are cut
 CACHE_WORDS = ("hit", "miss", "cache", "expert", "prefetch")  # stats worth a status-bar slot

@@ -11,9 +11,7 @@ copy. The predicted times are corrected online by an EWMA of observed/predicted 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +43,7 @@ class OffloadCosts:
 
 
 def costs_from_hardware_profile(profile, expert_type: str) -> OffloadCosts | None:
-    """The planner's HardwareProfile (app/hardware_profile.py; read by attribute, so this
+    """The planner's HardwareProfile (backends/plan/hardware_profile.py; read by attribute, so this
     module needs no import of it) -> the decision's figures; None without a usable GPU
     measurement. The CPU rate is the profile's matvec rate for the experts' quant type."""
     gpus = [g for g in getattr(profile, "gpus", ()) if not getattr(g, "unified", False)]
@@ -60,8 +58,17 @@ def costs_from_hardware_profile(profile, expert_type: str) -> OffloadCosts | Non
                         vram_bytes=g.vram_total_bytes, name=getattr(profile, "machine", ""))
 
 
-def load_costs(path: Path) -> OffloadCosts:
-    return OffloadCosts.from_dict(json.loads(Path(path).read_text()))
+def replay_costs(profile, expert_type: str = "Q4_0") -> OffloadCosts:
+    """A recorded machine's figures for trace replays. Without a discrete GPU the CPU stands in
+    for it, as in the engines' CPU runs: the "copy" is a RAM memcpy and vram_bytes is 0."""
+    costs = costs_from_hardware_profile(profile, expert_type)
+    if costs is not None:
+        return costs
+    rates = profile.cpu_matvec_gbs
+    cpu = rates.get(expert_type) or max(rates.values())
+    return OffloadCosts(cpu_matvec_gbs=cpu, pcie_gbs=profile.ram_read_gbs / 2, gpu_gbs=cpu,
+                        cpu_gflops=profile.cpu_gflops, gpu_gflops=profile.cpu_gflops,
+                        ram_read_gbs=profile.ram_read_gbs, vram_bytes=0, name=profile.machine)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""A PyTorch MoE runtime that reads GGUF files in place (see docs/runtime.md).
+"""A PyTorch MoE runtime that reads GGUF files in place (see docs/runtime.md). May import
+moechat.backends.plan/model and moechat.kernels, never an engine or a front end.
 
 `load_model(path)` gives a `Model` whose forward pass we control token by token; the routed
 experts go through a pluggable `ExpertBackend` (experts.py) so that the Fiddler/HOBBIT

@@ -1,5 +1,5 @@
 """ModelArgs: the runtime's dataclass config, built from the GGUF's metadata — the same keys
-the model card reads (backends/model_card.py) plus the ones it does not carry (RoPE, norm
+the model card reads (backends/model/model_card.py) plus the ones it does not carry (RoPE, norm
 epsilon, routing options)."""
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from moechat.backends.runtime.gguf_weights import GGUFWeights, RawTensor
 from moechat.kernels import dequant
-from moechat.kernels.ggml import CpuBackend, QuantExperts, maybe_repack
+from moechat.kernels.ggml import CpuBackend, maybe_repack
+from moechat.kernels.ggml_ops import QuantExperts
 
 PROJECTIONS = ("gate", "up", "down")
 

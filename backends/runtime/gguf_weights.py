@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moechat.backends.gguf_header import parse_header
+from moechat.backends.model.gguf_header import parse_header
 from moechat.kernels import dequant
 from moechat.kernels.ggml import QuantWeight
 
@@ -40,7 +40,7 @@ class RawTensor:
 class GGUFWeights:
     """The tensors of a GGUF file as views on one read-only memory map, plus its metadata.
 
-    The header is parsed by backends/gguf_header.py, not gguf.GGUFReader: the reader turns every
+    The header is parsed by backends/model/gguf_header.py, not gguf.GGUFReader: the reader turns every
     vocabulary entry into numpy arrays (seconds and ~140 MB for a 49k vocabulary) while we
     only need the scalars; tokens come from llama.cpp itself."""
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from moechat.backends.runtime.gguf_weights import RawTensor
-from moechat.kernels.ggml import GGML_TYPE_F32, CpuBackend, NormedLinears, QuantLinear, QuantWeight, maybe_repack
+from moechat.kernels.ggml import GGML_TYPE_F32, CpuBackend, QuantWeight, maybe_repack
+from moechat.kernels.ggml_ops import NormedLinears, QuantLinear
 
 
 class Linear:

@@ -35,7 +35,7 @@ def load_model(path, device: str = "cpu", dtype: torch.dtype | None = None, thre
     activations); "cuda": dense weights are dequantized there (float16 by default) and, unless
     an expert backend is given, the experts too (TorchExperts). kernels="torch" forces the
     dequantized-torch path on the CPU too (how the GPU code path is tested without a GPU)."""
-    from moechat.backends.llamacpp_engine import default_threads
+    from moechat.backends.plan.threads import default_threads
 
     weights = GGUFWeights(path)
     args = model_args(weights.metadata, weights.tensors)

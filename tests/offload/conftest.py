@@ -7,17 +7,17 @@ noisy stacked-router prediction — the shape of real MoE routing, built in mill
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from moechat.backends.offload.fiddler_policy import OffloadCosts
+from moechat.backends.offload.fiddler_policy import OffloadCosts, replay_costs
+from moechat.backends.plan.hardware_profile import read_profile
 from moechat.backends.offload.trace import RoutingTrace, load_trace
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-PROFILES = sorted((FIXTURES / "offload_profiles").glob("*.json"))
+PROFILES = sorted((FIXTURES.parent / "profiles").glob("*.json"))  # the planner's recorded machines
 DEMO_TRACE = FIXTURES / "traces" / "demo_e8_top2.npz"
 
 
@@ -64,4 +64,4 @@ def demo_trace() -> RoutingTrace:
 
 @pytest.fixture(scope="session", params=[p.stem for p in PROFILES])
 def machine(request) -> OffloadCosts:
-    return OffloadCosts.from_dict(json.loads((FIXTURES / "offload_profiles" / f"{request.param}.json").read_text()))
+    return replay_costs(read_profile(FIXTURES.parent / "profiles" / f"{request.param}.json"))

@@ -98,8 +98,12 @@ def test_cost_rule_is_never_worse_than_either_fixed_rule(trace_name, request, ma
     prefill = replay_fiddler(trace, placement, machine, MIXTRAL_Q4, "cost",
                              step_tokens=np.diff([*trace.seq_starts, trace.n_tokens]))
     assert decode.bytes_copied == 0
-    if machine.vram_bytes:
+    # a missed expert sees ~10-16 of a sequence's tokens here: copying pays where the
+    # crossover is below that (not on the 16-core 4090 desktop, whose CPU keeps up to 18)
+    if machine.vram_bytes and crossover_tokens(machine, MIXTRAL_Q4) <= 16:
         assert 0 < prefill.bytes_copied <= runs["copy"].bytes_copied
+    else:
+        assert prefill.bytes_copied <= runs["copy"].bytes_copied
 
 
 def _as_dict(costs: OffloadCosts) -> dict:
@@ -139,7 +143,7 @@ def test_planner_decode_estimate_matches_trace_replay(demo_trace, machine):
 def test_planner_offload_availability_needs_torch_and_cuda():
     from types import SimpleNamespace
 
-    from moechat.backends.planner import offload_engines_available
+    from moechat.backends.plan.planner import offload_engines_available
 
     cuda = SimpleNamespace(gpus=(SimpleNamespace(backend="cuda"),))
     assert offload_engines_available(cuda)  # torch is installed here

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moechat.backends.engine import Sampling
+from moechat.backends.engines.engine import Sampling
 from moechat.backends.offload.calibration import CALIBRATION_PROMPTS
 
 DEMO_TOLERANCE = 2.5  # the runtime's documented max |logit difference| on the demo model
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runtime(demo_model):
-    from moechat.backends.prompt import ChatTokenizer
+    from moechat.backends.engines.prompt import ChatTokenizer
     from moechat.backends.runtime import load_model
 
     model = load_model(str(demo_model), threads=1, max_tokens=128)
@@ -111,8 +111,8 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 def test_fiddler_engine_answers_with_stats(demo_model, isolated_cache):
-    from moechat.backends.fiddler_engine import FiddlerEngine
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.engines.fiddler_engine import FiddlerEngine
+    from moechat.backends.model.model_card import read_model_card
 
     prompts = CALIBRATION_PROMPTS[:2]  # a short calibration keeps the test fast
     engine = FiddlerEngine(read_model_card(demo_model), n_ctx=256, threads=1,
@@ -133,8 +133,8 @@ def test_fiddler_engine_answers_with_stats(demo_model, isolated_cache):
 
 
 def test_hobbit_engine_answers_with_low_precision_and_prefetch(demo_model):
-    from moechat.backends.hobbit_engine import HobbitEngine
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.engines.hobbit_engine import HobbitEngine
+    from moechat.backends.model.model_card import read_model_card
 
     # T1 = 0.5: every second expert is "less important", so misses load int4 copies; a
     # quarter of the experts fit, so the cache misses, evicts and prefetches
@@ -158,8 +158,8 @@ def test_hobbit_engine_answers_with_low_precision_and_prefetch(demo_model):
 def test_gpu_workspace_covers_a_dequantized_expert_and_attention(runtime):
     """The VRAM the default budget keeps back beyond the fixed reserve: room for a missed
     expert dequantized whole (twice) and a prefill chunk's float32 attention scores."""
-    from moechat.backends.offload.engine_base import gpu_workspace_bytes
-    from moechat.backends.torch_engine import PREFILL_CHUNK
+    from moechat.backends.engines.offload_engine import gpu_workspace_bytes
+    from moechat.backends.engines.torch_engine import PREFILL_CHUNK
 
     model = runtime[0]
     a = model.args

@@ -11,8 +11,8 @@ import threading
 from typing import Iterator
 
 from moechat.app.tui.model_loader import LoadedModel
-from moechat.backends.engine import Message, Sampling
-from moechat.backends.events import Event
+from moechat.backends.engines.engine import Message, Sampling
+from moechat.backends.engines.events import Event
 
 HOLD_TIMEOUT_S = 20  # a test that never presses Esc fails instead of hanging
 

@@ -209,10 +209,10 @@ async def test_help_and_plan_screens(tiny_model, monkeypatch):
     recorded consumer machine profile (so the test measures nothing)."""
     from pathlib import Path
 
-    from moechat.app import hardware_profile
+    from moechat.backends.plan import hardware_profile
     from moechat.app.tui.app import MoechatApp
     from moechat.app.tui.model_loader import LoadedModel
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     profile = hardware_profile.read_profile(Path(__file__).parents[1] / "profiles" / "desktop-3060-ddr4.json")
     monkeypatch.setattr(hardware_profile, "load_profile", lambda refresh=False: profile)
@@ -295,8 +295,8 @@ def fake_planner(monkeypatch, candidates, reason="llama.cpp on the CPU: no GPU h
     import types
     from pathlib import Path
 
-    from moechat.app import hardware_profile
-    from moechat.backends import planner
+    from moechat.backends.plan import hardware_profile
+    from moechat.backends.plan import planner
 
     plan = types.SimpleNamespace(choice=candidates[0], candidates=tuple(candidates), reason=reason)
     monkeypatch.setattr(planner, "make_plan", lambda card, profile: plan)

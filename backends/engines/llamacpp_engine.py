@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
-from moechat.backends.engine import Message, Sampling
+from moechat.backends.engines.engine import Message, Sampling
 from moechat.backends.errors import MoechatError
-from moechat.backends.events import Event
-from moechat.backends.model_card import ModelCard
-from moechat.backends.prompt import ChatTokenizer
+from moechat.backends.engines.events import Event
+from moechat.backends.model.model_card import ModelCard
+from moechat.backends.engines.prompt import ChatTokenizer
+from moechat.backends.plan.gpu_probes import gpu_offload_supported
+from moechat.backends.plan.threads import default_threads
 
 PlacementKind = Literal["cpu", "gpu", "moe"]
 
@@ -41,19 +43,6 @@ class LlamaCppPlacement:
         return 0 if self.kind == "cpu" else -1
 
 
-def gpu_offload_supported() -> bool:
-    """Whether this llama-cpp-python build can use a GPU (CUDA, Metal, Vulkan, ROCm...)."""
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def default_threads() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-
-
 class LlamaCppEngine:
     name = "llama.cpp"
 
@@ -68,7 +57,7 @@ class LlamaCppEngine:
     ):
         import llama_cpp
 
-        from moechat.backends.llamacpp_overrides import cpu_moe_patterns, tensor_overrides_to_cpu
+        from moechat.backends.engines.llamacpp_overrides import cpu_moe_patterns, tensor_overrides_to_cpu
 
         self.card = card
         self.placement_spec = placement

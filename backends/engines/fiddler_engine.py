@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from moechat.backends.model_card import ModelCard
+from moechat.backends.model.model_card import ModelCard
 from moechat.backends.offload.budget import budget_bytes
-from moechat.backends.offload.engine_base import OffloadEngine, all_expert_bytes, default_vram_budget
+from moechat.backends.engines.offload_engine import OffloadEngine, all_expert_bytes, default_vram_budget
 
 
 class FiddlerEngine(OffloadEngine):
@@ -75,7 +75,7 @@ def _profile_costs(store):
     from moechat.backends.offload.fiddler_policy import costs_from_hardware_profile
 
     try:
-        from moechat.app.hardware_profile import profile_path, read_profile
+        from moechat.backends.plan.hardware_profile import profile_path, read_profile
     except ImportError:  # built without the planner
         return None
     path = profile_path()

@@ -38,11 +38,11 @@ def lookup(spec: str) -> ModelRef:
     if path.exists():
         return ModelRef(spec, path)
 
-    from moechat.backends import catalogue
+    from moechat.backends.model import catalogue
 
     hub_spec = parse_hub_spec(spec)
     if hub_spec:
-        from moechat.backends import hub
+        from moechat.backends.model import hub
 
         repo, filename = hub_spec
         files = tuple(hub.model_files(filename))
@@ -50,7 +50,7 @@ def lookup(spec: str) -> ModelRef:
 
     found = catalogue.find(spec)
     if found:
-        from moechat.backends import hub
+        from moechat.backends.model import hub
 
         entry, quant = found
         return ModelRef(spec, hub.local_model(quant.repo, list(quant.files)), quant.repo,
@@ -62,7 +62,7 @@ def lookup(spec: str) -> ModelRef:
 
 def resolve_model(spec: str | None, progress: bool = True) -> Path:
     if not spec:
-        from moechat.backends.demo_model import demo_model_path
+        from moechat.backends.model.demo_model import demo_model_path
 
         return demo_model_path(progress=progress)
     ref = lookup(spec)
@@ -74,7 +74,7 @@ def resolve_model(spec: str | None, progress: bool = True) -> Path:
 def resolve_card(spec: str | None, allow_remote: bool = False):
     """The model card for `spec`. With allow_remote, a catalogue model that is not downloaded
     yet is read from its GGUF header over HTTP range requests (for `plan` before `pull`)."""
-    from moechat.backends.model_card import read_model_card
+    from moechat.backends.model.model_card import read_model_card
 
     if not spec:
         return read_model_card(resolve_model(spec))
@@ -83,7 +83,7 @@ def resolve_card(spec: str | None, allow_remote: bool = False):
         return read_model_card(ref.local)
     if not allow_remote:
         raise _not_downloaded(ref)
-    from moechat.backends import hub
+    from moechat.backends.model import hub
 
     return hub.read_remote_card(ref.repo, ref.files[0])
 

@@ -71,7 +71,7 @@ def catalogue_path() -> Path:
     override = os.environ.get("MOECHAT_CATALOGUE")
     if override:
         return Path(override)
-    checkout = Path(__file__).resolve().parent.parent / CATALOGUE_FILE  # source / editable
+    checkout = Path(__file__).resolve().parents[2] / CATALOGUE_FILE  # source / editable
     if checkout.exists():
         return checkout
     from importlib.resources import files  # a wheel: packaged next to moechat/__init__.py

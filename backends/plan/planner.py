@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moechat.backends import cost_model as cm
+from moechat.backends.plan import cost_model as cm
 from moechat.backends.errors import MoechatError
 
 GIB = 1024**3

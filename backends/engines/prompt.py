@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import codecs
 
-from moechat.backends.chat_template import render_chat
-from moechat.backends.engine import Message
+from moechat.backends.engines.chat_template import render_chat
+from moechat.backends.engines.engine import Message
 
 
 class ChatTokenizer:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moechat.backends.errors import MoechatError
-from moechat.backends.gguf_header import GGUFHeader, HeaderError, parse_header
+from moechat.backends.model.gguf_header import GGUFHeader, HeaderError, parse_header
 
 # Architectures moechat knows (GGUF `general.architecture`) and whether they are MoE.
 MOE_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss", "phimoe")

@@ -11,10 +11,10 @@ import threading
 import time
 from typing import Iterator
 
-from moechat.backends.engine import Message, Sampling
+from moechat.backends.engines.engine import Message, Sampling
 from moechat.backends.errors import MoechatError
-from moechat.backends.events import Event
-from moechat.backends.model_card import ModelCard
+from moechat.backends.engines.events import Event
+from moechat.backends.model.model_card import ModelCard
 
 
 PREFILL_CHUNK = 256  # bounds the prefill's intermediate buffers
@@ -27,8 +27,8 @@ class TorchEngine:
                  device: str | None = None, expert_backend=None):
         import torch
 
-        from moechat.backends.llamacpp_engine import default_threads
-        from moechat.backends.prompt import ChatTokenizer
+        from moechat.backends.plan.threads import default_threads
+        from moechat.backends.engines.prompt import ChatTokenizer
         from moechat.backends.runtime import load_model
         from moechat.backends.runtime.model import default_device
 

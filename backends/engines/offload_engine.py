@@ -8,10 +8,10 @@ import dataclasses
 import threading
 from typing import Iterator
 
-from moechat.backends.engine import Message, Sampling
-from moechat.backends.events import Event
-from moechat.backends.model_card import ModelCard
-from moechat.backends.torch_engine import TorchEngine
+from moechat.backends.engines.engine import Message, Sampling
+from moechat.backends.engines.events import Event
+from moechat.backends.model.model_card import ModelCard
+from moechat.backends.engines.torch_engine import TorchEngine
 
 CPU_STAND_IN_SHARE = 0.5  # without a GPU: "VRAM" holds half the experts, so both paths run
 VRAM_RESERVE = 512 * 1024**2  # CUDA context, activations, allocator slack
@@ -44,7 +44,7 @@ def gpu_workspace_bytes(model) -> int:
     """Transient GPU memory a forward step needs on top of the cached experts: a missed
     expert dequantized whole (twice: the staged one and the next), and a prefill chunk's
     attention scores and probabilities in float32 (three [H, chunk, n_ctx] tensors)."""
-    from moechat.backends.torch_engine import PREFILL_CHUNK
+    from moechat.backends.engines.torch_engine import PREFILL_CHUNK
 
     a, store = model.args, model.experts
     expert = store.expert(store.layers[0], 0)

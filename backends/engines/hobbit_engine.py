@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from moechat.backends.model_card import ModelCard
+from moechat.backends.model.model_card import ModelCard
 from moechat.backends.offload.budget import budget_bytes
-from moechat.backends.offload.engine_base import OffloadEngine, all_expert_bytes, default_vram_budget
+from moechat.backends.engines.offload_engine import OffloadEngine, all_expert_bytes, default_vram_budget
 
 HIGH_FRACTION = 0.75  # the high tier's share of the budget (HOBBIT: the larger cache)
 

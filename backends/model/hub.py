@@ -31,7 +31,7 @@ from filelock import Timeout
 from tqdm import tqdm
 
 from moechat.backends.errors import MoechatError
-from moechat.backends.model_card import SPLIT_NAME_RE, ModelCard, card_from_headers, split_shard_names
+from moechat.backends.model.model_card import SPLIT_NAME_RE, ModelCard, card_from_headers, split_shard_names
 
 FIRST_HEADER_CHUNK = 256 * 1024  # grown by doubling until the header is parsed
 MAX_REMOTE_HEADER = 64 * 1024 * 1024
@@ -245,7 +245,7 @@ def _bar_class(progress: bool):
 
 def read_remote_card(repo: str, filename: str, token: str | bool | None = None) -> ModelCard:
     """The model card of a hub GGUF from its header alone (all shards' headers when split)."""
-    from moechat.backends.gguf_header import HeaderError, parse_header
+    from moechat.backends.model.gguf_header import HeaderError, parse_header
 
     headers, sizes = [], []
     for name in model_files(filename):

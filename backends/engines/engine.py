@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol, TypedDict
 
-from moechat.backends.events import Event
+from moechat.backends.engines.events import Event
 
 
 class Message(TypedDict):
