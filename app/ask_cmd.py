@@ -14,7 +14,8 @@ HELP = "ask one question and stream the answer (reads extra context from stdin w
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moechat.app.arg_types import non_negative_float, non_negative_int, positive_int
+    from moechat.app.arg_types import non_negative_float, positive_int
+    from moechat.app.engine_flags import add_engine_arguments
 
     parser.add_argument("prompt", nargs="?", default="", help="the question (or read from stdin)")
     parser.add_argument("--model", "-m", help="GGUF path, catalogue NAME[:QUANT] or hub org/repo:file.gguf (default: the built-in demo MoE)")
@@ -23,28 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                         help="0 (default) decodes greedily")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
-    parser.add_argument("--ctx", type=positive_int, metavar="N", help="context length in tokens")
-    from moechat.backends.manager import ENGINES
-
-    parser.add_argument("--engine", choices=ENGINES, default="auto")
-    parser.add_argument("--n-cpu-moe", type=non_negative_int, metavar="N",
-                        help="keep the experts of the first N layers in RAM (llama.cpp engine)")
-    parser.add_argument("--vram-budget", metavar="SIZE",
-                        help="GPU memory for experts, e.g. 6GiB or 50%% of the experts "
-                             "(fiddler, hobbit engines; default: what is free)")
-    parser.add_argument("--hobbit-low", choices=("auto", "int4", "int2"), default="auto",
-                        help="low-precision expert format (hobbit engine; auto: int2 if the "
-                             "file is already <= 4-bit, else int4)")
-    parser.add_argument("--skip", action="store_true",
-                        help="skip the least important experts on a cache miss (hobbit engine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     thread = parser.add_mutually_exclusive_group()
     thread.add_argument("-c", "--continue", dest="continue_last", action="store_true",
                         help="continue the last conversation (a new one if there is none)")
     thread.add_argument("--cid", type=positive_int, metavar="ID",
                         help="continue the conversation with this id")
-    parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from moechat.backends.model.model_card import read_model_card
     from moechat.backends.model.model_resolve import resolve_model
 
+    from moechat.app.engine_flags import engine_kwargs
     from moechat.app.history import History, ReplyWriter, chat_messages, reply_stats, title_from
 
     question = _read_question(args.prompt)
@@ -71,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
     history.add_message(cid, "user", question)  # saved before the model even loads
     messages = chat_messages(history, cid)
 
-    engine = open_engine(card, args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=args.ctx,
-                         threads=args.threads, force=args.force, vram_budget=args.vram_budget,
-                         hobbit_low=args.hobbit_low, skip=args.skip)
+    engine = open_engine(card, **engine_kwargs(args))
     writer = ReplyWriter(history, cid, model=card.name)
     token_ids, last = [], None
     try:

@@ -9,16 +9,11 @@ HELP = "open the chat app"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moechat.app.arg_types import non_negative_int, positive_int
-    from moechat.backends.manager import ENGINES
+    from moechat.app.engine_flags import add_engine_arguments
 
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="GGUF path or models.toml name (default: the built-in demo MoE)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto")
-    parser.add_argument("--n-cpu-moe", type=non_negative_int, metavar="N",
-                        help="keep the experts of the first N layers in RAM (llama.cpp engine)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
-    parser.add_argument("--ctx", type=positive_int, metavar="N", help="context length in tokens")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from moechat.app.tui.app import MoechatApp
     from moechat.app.tui.model_loader import EngineOptions
 
-    app = MoechatApp(args.model, EngineOptions(args.engine, args.n_cpu_moe, args.ctx, args.threads),
+    app = MoechatApp(args.model, EngineOptions.from_args(args),
                      history=history)
     try:
         app.run()

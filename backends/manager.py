@@ -20,14 +20,17 @@ GIB = 1024**3
 
 @dataclass(frozen=True, slots=True)
 class Memory:
-    ram_available: int
+    ram_available: int  # the machine's available RAM or the memory cgroup's room, the smaller
     vram_free: int  # summed over GPUs; 0 without one
+    ram_note: str = ""  # what bound ram_available, for messages ("" = the machine's RAM)
 
 
 def available_memory() -> Memory:
-    import psutil
+    from moechat.backends.plan.memory import ram_budget
 
-    return Memory(ram_available=psutil.virtual_memory().available, vram_free=_vram_free())
+    ram = ram_budget()
+    note = "" if ram.bound_by == "RAM" else f" (bound by the memory cgroup limit of {ram.cgroup_limit / GIB:.1f} GiB, {ram.bound_by})"
+    return Memory(ram_available=ram.available, vram_free=_vram_free(), ram_note=note)
 
 
 def _vram_free() -> int:
@@ -61,7 +64,7 @@ def check_fits(card: ModelCard, n_ctx: int, memory: Memory | None = None) -> Non
         where = "RAM + VRAM" if memory.vram_free else "RAM"
         raise MoechatError(
             f"{card.name} needs {need / GIB:.1f} GiB of {where} at context {n_ctx}; "
-            f"{have / GIB:.1f} GiB is available (--force tries anyway)"
+            f"{have / GIB:.1f} GiB is available{memory.ram_note} (--force tries anyway)"
         )
 
 

@@ -13,6 +13,19 @@ class EngineOptions:
     n_cpu_moe: int | None = None
     ctx: int | None = None
     threads: int | None = None
+    force: bool = False
+    vram_budget: str | None = None
+    hobbit_low: str = "auto"
+    skip: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "EngineOptions":
+        """From the flags app/engine_flags.py defines."""
+        from moechat.app.engine_flags import engine_kwargs
+
+        kw = engine_kwargs(args)
+        kw["ctx"] = kw.pop("n_ctx")
+        return cls(**kw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,5 +48,6 @@ def open_model(spec: str | None, options: EngineOptions,
     card = read_model_card(path)
     progress(f"loading {card.name} ({options.engine} engine)")
     engine = open_engine(card, options.engine, n_cpu_moe=options.n_cpu_moe, n_ctx=options.ctx,
-                         threads=options.threads)
+                         threads=options.threads, force=options.force, vram_budget=options.vram_budget,
+                         hobbit_low=options.hobbit_low, skip=options.skip)
     return LoadedModel(engine, card.name, card)

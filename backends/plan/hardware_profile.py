@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moechat.backends.plan.memory import ram_budget
+
 PROFILE_VERSION = 1  # bump when measurements change meaning: cached profiles are re-measured
 
 
@@ -160,7 +162,7 @@ def load_profile(refresh: bool = False, progress=None, measure: bool = True) -> 
             if cached.version == PROFILE_VERSION:
                 vm = psutil.virtual_memory()
                 return dataclasses.replace(
-                    cached, ram=RamInfo(vm.total, vm.available), gpus=gpu_probes._refresh_free_vram(cached.gpus)
+                    cached, ram=RamInfo(vm.total, ram_budget().available), gpus=gpu_probes._refresh_free_vram(cached.gpus)
                 )
         except Exception:  # a damaged cache file is re-measured, not fatal
             pass
@@ -184,7 +186,7 @@ def facts_profile() -> HardwareProfile:
     vm = psutil.virtual_memory()
     cpu = cpu_probes.cpu_facts()
     return HardwareProfile(
-        cpu=cpu, ram=RamInfo(vm.total, vm.available), gpus=tuple(gpu_probes.gpu_facts(use_torch=False)),
+        cpu=cpu, ram=RamInfo(vm.total, ram_budget().available), gpus=tuple(gpu_probes.gpu_facts(use_torch=False)),
         ram_read_gbs=NOMINAL_RAM_GBS, cpu_matvec_gbs={q: NOMINAL_RAM_GBS for q in cpu_probes.MATVEC_QTYPES},
         cpu_gflops=50.0, threads=cpu.usable_cores, gpu_offload=gpu_probes._llama_gpu_offload(),
         machine=machine_id(), sources={"*": "nominal speeds: not measured yet (run `moechat profile`)"},
@@ -224,7 +226,7 @@ def measure_profile(threads: int | None = None, progress=None) -> HardwareProfil
         sources["gpus"] = "nvidia-ml-py / torch; h2d_gbs and mem_gbs measured with torch when present"
     return HardwareProfile(
         cpu=cpu,
-        ram=RamInfo(vm.total, vm.available),
+        ram=RamInfo(vm.total, ram_budget().available),
         gpus=tuple(gpus),
         ram_read_gbs=round(ram_gbs, 2),
         cpu_matvec_gbs={k: round(v, 2) for k, v in matvec.items()},
