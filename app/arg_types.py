@@ -13,6 +13,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """A CPU thread count: 1 .. the logical cores of this machine (more only oversubscribes:
+    ggml's threads meet at a barrier after every op, so one waiting thread stalls them all)."""
+    import os
+
+    value = positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"{value} is more than this machine's {cores} logical cores")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 HELP = "ask one question and stream the answer (reads extra context from stdin when piped)"
@@ -128,8 +129,21 @@ def _read_question(prompt: str) -> str:
 
     piped = ""
     if sys.stdin is not None and not sys.stdin.isatty():
-        piped = sys.stdin.read()
+        piped = _utf8_or_replaced(sys.stdin.buffer.read(), "stdin")
+    # argv is decoded with surrogateescape: bytes that are not UTF-8 arrive as lone surrogates
+    prompt = _utf8_or_replaced(os.fsencode(prompt), "the prompt")
     question = "\n\n".join(part for part in (prompt.strip(), piped.strip()) if part)
     if not question:
         raise MoechatError('ask: no prompt (give one: moechat ask "..." or pipe text in)')
     return question
+
+
+def _utf8_or_replaced(data: bytes, where: str) -> str:
+    """Text as UTF-8; bytes that are not become U+FFFD, with one warning line on stderr."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        bad = sum(1 for ch in data.decode("utf-8", "replace") if ch == "\ufffd")
+        print(f"moechat: warning: {where} is not valid UTF-8; {bad} undecodable byte sequence"
+              f"{'s' if bad != 1 else ''} replaced with U+FFFD", file=sys.stderr)
+        return data.decode("utf-8", "replace")

@@ -17,7 +17,7 @@ HELP = "measure prefill/decode speed, time to first token, memory and %% of the 
 
 
 def add_arguments(parser) -> None:
-    from moechat.app.arg_types import non_negative_int, positive_int
+    from moechat.app.arg_types import non_negative_int, positive_int, thread_count
     from moechat.backends.manager import ENGINES
 
     parser.add_argument("model", nargs="?", help="GGUF path or catalogue name (default: the demo model)")
@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt-tokens", type=positive_int, default=128, help="prompt length (default 128)")
     parser.add_argument("--tokens", type=positive_int, default=64, help="tokens to decode (default 64)")
     parser.add_argument("--rounds", type=positive_int, default=3, help="runs; the best is reported (default 3)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--threads", type=thread_count, help="CPU threads (default: physical cores)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--record", nargs="?", const="", metavar="FILE",
                         help="append a row to docs/benchmarks.md (or FILE)")

@@ -7,13 +7,15 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from moechat.app.arg_types import non_negative_int, positive_int
+    from moechat.app.arg_types import non_negative_int, positive_int, thread_count
     from moechat.backends.manager import ENGINES
 
     parser.add_argument("--engine", choices=ENGINES, default="auto")
     parser.add_argument("--n-cpu-moe", type=non_negative_int, metavar="N",
                         help="keep the experts of the first N layers in RAM (llama.cpp engine)")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--threads", type=thread_count,
+                        help="CPU threads, at most the logical cores (default: the physical "
+                             "cores not busy with other work right now)")
     parser.add_argument("--ctx", type=positive_int, metavar="N", help="context length in tokens")
     parser.add_argument("--vram-budget", metavar="SIZE",
                         help="GPU memory for experts, e.g. 6GiB or 50%% of the experts "

@@ -21,7 +21,7 @@ MEASURE_DECODE_TOKENS = 32
 
 
 def add_arguments(parser) -> None:
-    from moechat.app.arg_types import positive_int
+    from moechat.app.arg_types import positive_int, thread_count
 
     parser.add_argument("model", nargs="?", help="GGUF path or catalogue name (default: the demo model)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=positive_int, default=MEASURE_ROUNDS, help="measurement rounds (best kept)")
     parser.add_argument("--statistic", choices=("mean", "best"), default="mean",
                         help="with --measure: summarise rounds by throughput (mean) or best run")
-    parser.add_argument("--threads", type=positive_int, metavar="N",
+    parser.add_argument("--threads", type=thread_count, metavar="N",
                         help="with --measure: CPU threads for the engines and the re-measured bandwidths "
                              "(default: the profile's)")
 

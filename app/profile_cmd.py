@@ -18,12 +18,35 @@ def run(args) -> int:
 
     progress = None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr))
     profile = load_profile(refresh=args.refresh, progress=progress)
+    hint = cuda_build_hint(profile)
     if args.json:
         print(json.dumps(profile.to_dict(), indent=2))
+        if hint:
+            print(hint, file=sys.stderr)
         return 0
     print(render(profile))
+    if hint:
+        print(f"\n{hint}")
     print(f"\n(cached in {profile_path()}; --refresh measures again)")
     return 0
+
+
+def cuda_build_hint(p) -> str | None:
+    """On an NVIDIA machine whose llama.cpp build is CPU-only: the exact command that rebuilds
+    llama-cpp-python with CUDA (PyPI ships only a source package; its default build is CPU)."""
+    if p.gpu_offload or not any(g.backend == "cuda" for g in p.gpus):
+        return None
+    import shlex
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pinned = f"llama-cpp-python=={version('llama-cpp-python')}"
+    except PackageNotFoundError:
+        pinned = "llama-cpp-python"
+    return ("this llama.cpp build is CPU-only but the machine has an NVIDIA GPU; rebuild it with "
+            f"CUDA (needs the CUDA toolkit, ~20 min):\n  CMAKE_ARGS=\"-DGGML_CUDA=on\" "
+            f"{shlex.quote(sys.executable)} -m pip install --force-reinstall --no-cache-dir "
+            f"--no-deps {pinned}")
 
 
 def render(p) -> str:

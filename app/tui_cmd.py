@@ -13,11 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="GGUF path or models.toml name (default: the built-in demo MoE)")
+    parser.add_argument("-m", "--model", dest="model_option", metavar="MODEL",
+                        help="the same as MODEL (as `moechat ask` takes it)")
     add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from moechat.app.history import History
+    from moechat.backends.errors import MoechatError
+
+    if args.model_option is not None:
+        if args.model is not None and args.model != args.model_option:
+            raise MoechatError(f"two models given ({args.model} and --model {args.model_option}): "
+                               "name one")
+        args.model = args.model_option
 
     if args.model:  # a bad path is a one-line error before the screen opens
         from moechat.backends.model.model_card import read_model_card

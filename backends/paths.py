@@ -30,3 +30,16 @@ def data_dir() -> Path:
         path = Path(platformdirs.user_data_dir("moechat"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def state_dir() -> Path:
+    """Logs (llama.cpp's own log lines). Safe to delete."""
+    override = os.environ.get("MOECHAT_STATE_DIR")
+    if override:
+        path = Path(override)
+    else:
+        import platformdirs
+
+        path = Path(platformdirs.user_state_dir("moechat"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

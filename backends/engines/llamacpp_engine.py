@@ -57,6 +57,7 @@ class LlamaCppEngine:
     ):
         import llama_cpp
 
+        from moechat.backends.engines.llamacpp_log import install_log, last_error
         from moechat.backends.engines.llamacpp_overrides import cpu_moe_patterns, tensor_overrides_to_cpu
 
         self.card = card
@@ -66,6 +67,7 @@ class LlamaCppEngine:
             self.placement += " (this llama.cpp build has no GPU support: running on CPU)"
         self.n_ctx = n_ctx or min(card.context_length, 4096)
         threads = threads or default_threads()
+        log = install_log()
         patterns = cpu_moe_patterns(placement.n_cpu_moe) if placement.kind == "moe" else []
         try:
             with tensor_overrides_to_cpu(patterns):
@@ -80,7 +82,9 @@ class LlamaCppEngine:
                     verbose=verbose,
                 )
         except ValueError as err:  # llama-cpp-python's "Failed to load model from file"
-            raise MoechatError(f"{card.path}: llama.cpp could not load the model ({err})") from err
+            why = last_error() or str(err)
+            raise MoechatError(f"{card.path}: llama.cpp could not load the model ({why}; "
+                               f"its log: {log})") from err
         self.tokenizer = ChatTokenizer(self.llm)
         self.template = self.tokenizer.template
 
