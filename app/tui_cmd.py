@@ -32,7 +32,11 @@ def run(args: argparse.Namespace) -> int:
         from moechat.backends.model.model_card import read_model_card
         from moechat.backends.model.model_resolve import resolve_model
 
-        read_model_card(resolve_model(args.model))
+        card = read_model_card(resolve_model(args.model))
+        if not args.force:  # so is a model this machine (or its memory cgroup) cannot hold
+            from moechat.backends.manager import check_fits, default_context
+
+            check_fits(card, args.ctx or default_context(card))
     history = History()  # likewise an unreadable history file
 
     from moechat.app.tui.app import MoechatApp

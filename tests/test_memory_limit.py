@@ -82,3 +82,45 @@ def test_real_v1_cgroup_bounds_the_budget(tmp_path):
         assert int(limit) == GIB and 0 < int(available) <= GIB and "memory.limit_in_bytes" in bound_by
     finally:
         group.rmdir()
+
+
+def _in_v1_group(limit: int, argv: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """Run `python -m moechat ARGV` inside a fresh v1 memory cgroup capped at `limit` bytes."""
+    group = V1 / f"moechat-test-{os.getpid()}-{len(argv)}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        code = ("import os, sys; open(os.environ['CG'] + '/cgroup.procs', 'w').write(str(os.getpid())); "
+                "from moechat.app.cli import main; sys.exit(main(sys.argv[1:]))")
+        return subprocess.run([sys.executable, "-c", code, *argv], env=dict(os.environ, CG=str(group)),
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    finally:
+        group.rmdir()
+
+
+@pytest.mark.skipif(not (V1.is_dir() and os.access(V1, os.W_OK)), reason="needs a writable cgroup v1 memory controller (root)")
+@pytest.mark.parametrize("command", [["ask", "--max-tokens", "2", "Hi", "--model"], ["plan"], ["-m"]])
+def test_model_too_big_for_the_cgroup_is_refused_in_one_line(demo_model, tmp_path, command):
+    """The demo model (1.3 GB) under a 1 GiB cap: refused, naming the cgroup limit — not killed."""
+    result = _in_v1_group(GIB, [*command, str(demo_model)], tmp_path)
+    assert result.returncode == 2, (result.returncode, result.stderr)  # -9 would be the OOM killer
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cgroup" in lines[0] and "limit" in lines[0] and "1.0 GiB" in lines[0], lines[0]
+
+
+def test_planner_refusal_names_the_cgroup_limit():
+    import dataclasses
+    import json
+
+    from moechat.backends.plan.hardware_profile import HardwareProfile, RamInfo
+    from moechat.backends.plan.planner import NoFitError, make_plan
+    from tests.fixtures.random_geometry import geometry_card
+
+    data = json.loads((Path(__file__).parent / "profiles" / "laptop-ddr5-nogpu.json").read_text())
+    profile = HardwareProfile.from_dict(data)
+    note = "1.5 GiB available under the memory cgroup limit of 2.0 GiB (cgroup v1 x)"
+    profile = dataclasses.replace(profile, ram=RamInfo(profile.ram.total_bytes, int(1.5 * GIB), note))
+    with pytest.raises(NoFitError) as err:
+        make_plan(geometry_card("mixtral-8x7b", n_layers=4), profile)
+    assert "cgroup limit of 2.0 GiB" in str(err.value)

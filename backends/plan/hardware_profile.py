@@ -47,7 +47,17 @@ class CpuInfo:
 @dataclass(frozen=True)
 class RamInfo:
     total_bytes: int
-    available_bytes: int
+    available_bytes: int  # the machine's available RAM or the memory cgroup's room, the smaller
+    bound_by: str = ""  # "" = the machine's RAM; else the cgroup limit, in words (memory.py)
+
+
+def ram_info() -> RamInfo:
+    """Total RAM, and what this process may still use right now (memory.ram_budget)."""
+    import psutil
+
+    budget = ram_budget()
+    note = "" if budget.bound_by == "RAM" else budget.describe()
+    return RamInfo(psutil.virtual_memory().total, budget.available, note)
 
 
 @dataclass(frozen=True)
@@ -160,9 +170,8 @@ def load_profile(refresh: bool = False, progress=None, measure: bool = True) -> 
         try:
             cached = read_profile(path)
             if cached.version == PROFILE_VERSION:
-                vm = psutil.virtual_memory()
                 return dataclasses.replace(
-                    cached, ram=RamInfo(vm.total, ram_budget().available), gpus=gpu_probes._refresh_free_vram(cached.gpus)
+                    cached, ram=ram_info(), gpus=gpu_probes._refresh_free_vram(cached.gpus)
                 )
         except Exception:  # a damaged cache file is re-measured, not fatal
             pass
@@ -183,10 +192,9 @@ def facts_profile() -> HardwareProfile:
 
     from moechat.backends.plan import cpu_probes, gpu_probes
 
-    vm = psutil.virtual_memory()
     cpu = cpu_probes.cpu_facts()
     return HardwareProfile(
-        cpu=cpu, ram=RamInfo(vm.total, ram_budget().available), gpus=tuple(gpu_probes.gpu_facts(use_torch=False)),
+        cpu=cpu, ram=ram_info(), gpus=tuple(gpu_probes.gpu_facts(use_torch=False)),
         ram_read_gbs=NOMINAL_RAM_GBS, cpu_matvec_gbs={q: NOMINAL_RAM_GBS for q in cpu_probes.MATVEC_QTYPES},
         cpu_gflops=50.0, threads=cpu.usable_cores, gpu_offload=gpu_probes._llama_gpu_offload(),
         machine=machine_id(), sources={"*": "nominal speeds: not measured yet (run `moechat profile`)"},
@@ -226,7 +234,7 @@ def measure_profile(threads: int | None = None, progress=None) -> HardwareProfil
         sources["gpus"] = "nvidia-ml-py / torch; h2d_gbs and mem_gbs measured with torch when present"
     return HardwareProfile(
         cpu=cpu,
-        ram=RamInfo(vm.total, ram_budget().available),
+        ram=ram_info(),
         gpus=tuple(gpus),
         ram_read_gbs=round(ram_gbs, 2),
         cpu_matvec_gbs={k: round(v, 2) for k, v in matvec.items()},

@@ -218,5 +218,7 @@ def _refusal(card, profile, n_ctx, candidates) -> str:
     have_ram = cm.ram_capacity_bytes(profile)
     have_vram = cm.gpu_capacity_bytes(profile) if profile.has_gpu and not profile.gpus[0].unified else 0
     where = f"{_gib(have_ram)} RAM + {_gib(have_vram)} VRAM" if have_vram else f"{_gib(have_ram)} RAM"
+    bound = getattr(profile.ram, "bound_by", "")
+    bound = f" ({bound})" if bound else ""
     return (f"{card.name} does not fit: it needs at least {_gib(need)} at context {n_ctx}, "
-            f"this machine has {where} to spare (try a smaller quantization or --ctx)")
+            f"this machine has {where} to spare{bound} (try a smaller quantization or --ctx)")
