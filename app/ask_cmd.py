@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             "model": card.path,
             "finish_reason": last.finish_reason,
             "rss_bytes": last.rss_bytes,
+            "threads": last.stats.get("threads", getattr(engine, "threads", None)),
             "stats": dict(last.stats),
             "conversation_id": cid,
         }))
@@ -107,9 +108,15 @@ def run(args: argparse.Namespace) -> int:
         if sys.stderr.isatty():
             sys.stderr.write(
                 f"[{engine.name} · {engine.placement} · prompt {last.prompt_tokens} tok at "
-                f"{last.prefill_tok_s:.1f} tok/s · decode {last.decode_tok_s:.1f} tok/s]\n"
+                f"{last.prefill_tok_s:.1f} tok/s · decode {last.decode_tok_s:.1f} tok/s"
+                f"{_threads_note(last)}]\n"
             )
     return 0
+
+
+def _threads_note(last) -> str:
+    threads = last.stats.get("threads")
+    return f" · {threads} thread{'s' if threads != 1 else ''}" if threads else ""
 
 
 def _conversation_to_continue(history, args: argparse.Namespace) -> int | None:

@@ -82,11 +82,13 @@ def open_engine(
     vram_budget: str | None = None,
     hobbit_low: str = "auto",
     skip: bool = False,
+    ui: bool = False,
 ):
     """Open the engine the user asked for, or the planner's choice for this machine ("auto").
 
     With "auto" and no --n-cpu-moe, the plan (backends/plan/planner.py, on this machine's cached
-    profile) picks engine and placement; `engine` or `n_cpu_moe` given by the user win."""
+    profile) picks engine and placement; `engine` or `n_cpu_moe` given by the user win.
+    ui: a chat app's UI shares the CPU (the default thread count may leave it a core)."""
     if engine not in ENGINES:
         raise MoechatError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     n_ctx = n_ctx or default_context(card)
@@ -95,7 +97,7 @@ def open_engine(
     if engine == "auto" and n_cpu_moe is None:
         choice = planned_choice(card, n_ctx, force=force)
         if choice is not None:
-            return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads)
+            return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads, ui=ui)
     if engine in ("auto", "llama.cpp"):
         from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
         from moechat.backends.plan.gpu_probes import gpu_offload_supported
@@ -108,7 +110,7 @@ def open_engine(
             placement = LlamaCppPlacement("gpu")
         else:
             placement = LlamaCppPlacement("cpu")
-        return LlamaCppEngine(card, placement, n_ctx=n_ctx, threads=threads)
+        return LlamaCppEngine(card, placement, n_ctx=n_ctx, threads=threads, ui=ui)
     if engine == "torch":
         if n_cpu_moe is not None:
             raise MoechatError("--n-cpu-moe is a llama.cpp engine option; the torch engine places experts itself")
@@ -160,7 +162,8 @@ def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
         raise
 
 
-def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, threads: int | None = None):
+def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, threads: int | None = None,
+                         ui: bool = False):
     """Open the engine a planner Candidate describes."""
     if candidate.engine in ("fiddler", "hobbit"):
         return _open_offload_engine(card, candidate.engine, None, n_ctx or default_context(card),
@@ -175,4 +178,5 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
         placement = LlamaCppPlacement(candidate.placement)
     else:
         raise MoechatError(f"llama.cpp placement {candidate.placement!r} is not wired into the engine yet")
-    return LlamaCppEngine(card, placement, n_ctx=n_ctx or default_context(card), threads=threads)
+    return LlamaCppEngine(card, placement, n_ctx=n_ctx or default_context(card), threads=threads,
+                          ui=ui)

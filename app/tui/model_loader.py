@@ -49,5 +49,5 @@ def open_model(spec: str | None, options: EngineOptions,
     progress(f"loading {card.name} ({options.engine} engine)")
     engine = open_engine(card, options.engine, n_cpu_moe=options.n_cpu_moe, n_ctx=options.ctx,
                          threads=options.threads, force=options.force, vram_budget=options.vram_budget,
-                         hobbit_low=options.hobbit_low, skip=options.skip)
+                         hobbit_low=options.hobbit_low, skip=options.skip, ui=True)
     return LoadedModel(engine, card.name, card)

@@ -31,6 +31,7 @@ class StatusBar(Static):
     decode_tok_s = reactive(0.0)
     predicted_decode_tok_s = reactive(0.0)  # the cost model's figure for this placement
     rss_bytes = reactive(0)
+    threads = reactive(0)  # CPU threads the engine used for the last reply (0: not said)
     stats: reactive[dict] = reactive(dict, always_update=True)
     note = reactive("")  # "loading…", "generating…"
 
@@ -43,11 +44,14 @@ class StatusBar(Static):
             self.rss_bytes = event.rss_bytes
         if event.stats:
             self.stats = dict(event.stats)
+            if isinstance(event.stats.get("threads"), int):
+                self.threads = event.stats["threads"]
 
     def render(self) -> str:
         """Two lines: what runs where, then the numbers of the last reply."""
         model = self.model if len(self.model) <= MODEL_CHARS else self.model[:MODEL_CHARS - 1] + "…"
-        head = " · ".join(p for p in (model, self.engine, self.placement, self.note) if p)
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
+        head = " · ".join(p for p in (model, self.engine, self.placement, threads, self.note) if p)
         numbers = []
         if self.prefill_tok_s or self.decode_tok_s:
             prefill = f"{self.prefill_tok_s:.1f}" if self.prefill_tok_s else "–"

@@ -3,6 +3,10 @@
 MoE-aware is llama.cpp's `--n-cpu-moe N`: every non-expert weight on the GPU, the routed
 expert tensors of the first N layers in system RAM (see llamacpp_overrides.py).
 
+Threads: unless the user fixed a count, the engine picks the cores free right now
+(plan/threads.py), again before each reply, and steps down a thread when a reply stalls
+(another process took a core); the count used is in each final event's stats.
+
 A multi-turn chat reuses the KV cache for the shared prefix: `Llama.generate` compares the
 new prompt's tokens with the ones already evaluated and only evaluates the rest.
 """
@@ -20,7 +24,7 @@ from moechat.backends.engines.events import Event
 from moechat.backends.model.model_card import ModelCard
 from moechat.backends.engines.prompt import ChatTokenizer
 from moechat.backends.plan.gpu_probes import gpu_offload_supported
-from moechat.backends.plan.threads import default_threads
+from moechat.backends.plan.threads import LoadMeter, StallWatch, default_threads
 
 PlacementKind = Literal["cpu", "gpu", "moe"]
 
@@ -54,6 +58,7 @@ class LlamaCppEngine:
         threads: int | None = None,
         logits_all: bool = False,
         verbose: bool = False,
+        ui: bool = False,
     ):
         import llama_cpp
 
@@ -66,8 +71,12 @@ class LlamaCppEngine:
         if placement.kind != "cpu" and not gpu_offload_supported():
             self.placement += " (this llama.cpp build has no GPU support: running on CPU)"
         self.n_ctx = n_ctx or min(card.context_length, 4096)
-        threads = threads or default_threads()
-        log = install_log()
+        self.auto_threads, self.ui = threads is None, ui  # auto: chosen and adapted to the load
+        self._load = LoadMeter()
+        threads = threads or default_threads(ui=ui, meter=self._load)
+        self.threads = threads
+        self.thread_steps_down = 0  # in the last reply, because it stalled
+        log = install_log(echo=verbose)
         patterns = cpu_moe_patterns(placement.n_cpu_moe) if placement.kind == "moe" else []
         try:
             with tensor_overrides_to_cpu(patterns):
@@ -104,6 +113,10 @@ class LlamaCppEngine:
                 f"the conversation has {len(tokens)} tokens; the context holds {self.n_ctx}"
             )
         max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
+        if self.auto_threads:  # the load may have changed since the last reply
+            self._set_threads(default_threads(ui=self.ui, meter=self._load))
+        self.thread_steps_down = 0
+        watch = StallWatch()
         self.llm.set_seed(sampling.seed)
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
         text_stream = self.tokenizer.text_stream()
@@ -119,11 +132,17 @@ class LlamaCppEngine:
             repeat_penalty=1.0,
             reset=True,
         )
+        t_prev = None
         try:
             for token in stream:
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
+                elif self.auto_threads and watch.observe(now - t_prev) and self.threads > 1:
+                    self._set_threads(self.threads - 1)  # stalled: a core is taken
+                    self.thread_steps_down += 1
+                    watch.reset()
+                t_prev = now
                 if self.tokenizer.is_end(token):
                     finish = "stop"
                     break
@@ -142,6 +161,7 @@ class LlamaCppEngine:
                     break
         finally:
             stream.close()
+            self._load.mark()
         ttft = (t_first or time.perf_counter()) - t_start
         yield self._final_event(len(tokens), ttft, text_stream.flush(), finish)
 
@@ -168,9 +188,18 @@ class LlamaCppEngine:
                 "prompt_tokens_evaluated": n_prompt - self._reused(n_prompt, perf),
                 "prompt_tokens_reused": self._reused(n_prompt, perf),
                 "decoded_tokens": int(perf.n_eval),
+                "threads": self.threads,
+                "thread_steps_down": self.thread_steps_down,
             },
             finish_reason=finish,
         )
+
+    def _set_threads(self, n: int) -> None:
+        import llama_cpp
+
+        if n != self.threads:
+            llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
+            self.threads = n
 
     @staticmethod
     def _reused(n_prompt: int, perf) -> int:

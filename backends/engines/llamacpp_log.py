@@ -12,6 +12,7 @@ Why by hand: the library offers only the raw `llama_log_set` hook.
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 from pathlib import Path
 
@@ -30,14 +31,16 @@ class _LlamaLog:
         self.file = None
         self.callback = None  # the ctypes function object must outlive its use by C
         self.last_error = ""
+        self.echo = False  # also to stderr (an engine opened with verbose=True)
         self._last_level = 0
 
-    def install(self) -> Path:
+    def install(self, echo: bool = False) -> Path:
         import llama_cpp
 
         from moechat.backends.paths import state_dir
 
         with self.lock:
+            self.echo = echo
             if self.callback is not None:
                 return self.path
             self.path = state_dir() / LOG_NAME
@@ -55,6 +58,8 @@ class _LlamaLog:
         with self.lock:
             self.file.write(line)
             self.file.flush()
+            if self.echo:
+                sys.stderr.write(line)
             if level == GGML_LOG_LEVEL_ERROR and line.strip():
                 self.last_error = line.strip()
 
@@ -62,9 +67,10 @@ class _LlamaLog:
 _LOG = _LlamaLog()
 
 
-def install_log() -> Path:
-    """Route llama.cpp's log to the state dir's file (idempotent); returns the file's path."""
-    return _LOG.install()
+def install_log(echo: bool = False) -> Path:
+    """Route llama.cpp's log to the state dir's file (idempotent; echo: to stderr as well, for
+    verbose engines); returns the file's path."""
+    return _LOG.install(echo)
 
 
 def last_error() -> str:
