@@ -25,7 +25,8 @@ STOP_AT = 20
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="GGUF path (default: the demo MoE)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the engines' default thread count)")
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
@@ -40,7 +41,7 @@ async def run(args) -> None:
 
     sampling = Sampling(max_tokens=args.tokens)
     app = MoechatApp(args.model, EngineOptions(threads=args.threads, ctx=2048))
-    direct, in_app, stops = [], [], []
+    direct, in_app, stops, pairs = [], [], [], []
     async with app.run_test(size=(120, 36)) as pilot:
         while app.engine is None:
             await pilot.pause(0.1)
@@ -58,6 +59,7 @@ async def run(args) -> None:
             await app.wait_idle()
             await pilot.pause()
             in_app.append(app.status.decode_tok_s)
+            pairs.append(in_app[-1] / direct[-1])
 
             await app.action_new_chat()
             app.prompt.text = PROMPT
@@ -73,16 +75,18 @@ async def run(args) -> None:
             stops.append((time.perf_counter() - t0, app.engine.llm.n_tokens - evaluated))
             await app.wait_idle()
         model = app.model_name
+        threads = app.status.threads or args.threads
     app.shutdown()
 
     d, a = statistics.median(direct), statistics.median(in_app)
-    print(f"model: {model} · llama.cpp · {args.threads} thread(s) · {args.tokens} tokens · "
-          f"median of {args.reps}")
+    print(f"model: {model} · llama.cpp · {threads} thread(s) · {args.tokens} tokens · "
+          f"median of {args.reps} alternating pairs")
     print("| run | decode tok/s |")
     print("|---|---|")
     print(f"| engine alone | {d:.1f} |")
     print(f"| in the chat app | {a:.1f} |")
-    print(f"| app / alone | {a / d:.2f} |")
+    print(f"| app / alone (median of the pairs' ratios) | {statistics.median(pairs):.2f} |")
+    print(f"| pairs' ratios | {' '.join(f'{r:.2f}' for r in pairs)} |")
     print()
     print("| Esc after ~20 words | Esc → reply marked stopped (ms) | tokens decoded after Esc |")
     print("|---|---|---|")

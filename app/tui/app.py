@@ -4,37 +4,33 @@ Two thread workers do the slow work: `_load` opens a model, `_generate` streams 
 The generator hands the engine a threading.Event (`cancel`) that the engine checks once
 per token, so Esc stops the engine itself, not just the display. Both workers talk to the
 UI only through Messages (messages.py); the history is written from the generator thread
-(the user message before it starts, the reply while it streams).
+(the user message before it starts, the reply while it streams). A streaming reply reaches
+the screen through a ReplyBuffer drained every UPDATE_S (coalesce.py), not token by token.
+The keys' and the palette's commands are in commands.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import re
 import threading
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from textual import work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Footer
 
 from moechat.app.history import (
     History,
     ReplyWriter,
     chat_messages,
-    export_markdown,
     reply_stats,
     title_from,
 )
 from moechat.app.tui.bindings import APP_BINDINGS
 from moechat.app.tui.chat_view import ChatView
-from moechat.app.tui.confirm_screen import ConfirmScreen
-from moechat.app.tui.help_screen import HelpScreen
-from moechat.app.tui.input_screen import InputScreen
+from moechat.app.tui.commands import ChatCommands
+from moechat.app.tui.coalesce import UPDATE_S, ReplyBuffer
 from moechat.app.tui.load_progress import LoadProgress
 from moechat.app.tui.message_item import MessageItem, reply_footer
 from moechat.app.tui.messages import (
@@ -48,7 +44,6 @@ from moechat.app.tui.messages import (
     SearchChanged,
 )
 from moechat.app.tui.model_loader import EngineOptions, LoadedModel, open_model
-from moechat.app.tui.plan_screen import PlanScreen
 from moechat.app.tui.planner_bridge import predicted_decode_tok_s
 from moechat.app.tui.prompt_input import PromptInput
 from moechat.app.tui.sidebar import Sidebar
@@ -56,11 +51,10 @@ from moechat.app.tui.status_bar import StatusBar
 from moechat.backends.engines.engine import Sampling
 from moechat.backends.errors import MoechatError
 
-CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 OpenModel = Callable[[str | None, EngineOptions, Callable[[str], None]], LoadedModel]
 
 
-class MoechatApp(App):
+class MoechatApp(ChatCommands, App):
     CSS_PATH = "moechat.tcss"
     TITLE = "moechat"
     BINDINGS = APP_BINDINGS
@@ -85,6 +79,8 @@ class MoechatApp(App):
         self._idle = threading.Event()  # set while no generator thread runs
         self._idle.set()
         self._reply: MessageItem | None = None
+        self._updates = ReplyBuffer()  # the streaming reply's events, drained every UPDATE_S
+        self._update_timer = None
 
     # ---- layout -------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -207,6 +203,8 @@ class MoechatApp(App):
         self._reply = await self.chat.add(MessageItem("assistant", status="generating"))
         self._cancel = threading.Event()
         self._idle.clear()
+        self._updates = ReplyBuffer()
+        self._update_timer = self.set_interval(UPDATE_S, self._show_new_text)
         self.generating = True
         self.status.note = "reading the prompt… (Esc stops)"
         self._generate(self.cid, messages, self._cancel)
@@ -215,13 +213,15 @@ class MoechatApp(App):
     def _generate(self, cid: int, messages: list[dict], cancel: threading.Event) -> None:
         engine, writer = self.engine, None
         last, n_tokens, status, error = None, 0, "done", None
+        updates = self._updates
         try:
             writer = ReplyWriter(self.history, cid, model=self.model_name)
             for event in engine.generate(messages, self.sampling, cancel):
                 writer.append(event.text)
                 n_tokens += len(event.token_ids)
                 last = event
-                self.post_message(ReplyDelta(event))
+                if updates.add(event):  # the first token: show the reply has started
+                    self.post_message(ReplyDelta(event))
             if last is None:
                 status, error = "error", "the engine produced nothing"
             elif last.finish_reason == "cancelled":
@@ -242,13 +242,24 @@ class MoechatApp(App):
             self._idle.set()
 
     async def on_reply_delta(self, message: ReplyDelta) -> None:
+        await self._show_new_text()
+
+    async def _show_new_text(self) -> None:
+        """What the generator added since the last screen update (on a UPDATE_S timer)."""
+        batch = self._updates.take()
+        if batch is None:
+            return
         if self.status.note.startswith("reading"):
             self.status.note = "generating… (Esc stops)"
         if self._reply is not None:
-            await self._reply.append(message.event.text)
-        self.status.show_event(message.event)
+            await self._reply.append(batch.text)
+        self.status.show_event(batch.event)
 
     async def on_reply_finished(self, message: ReplyFinished) -> None:
+        if self._update_timer is not None:
+            self._update_timer.stop()
+            self._update_timer = None
+        await self._show_new_text()
         if message.last is not None:
             self.status.show_event(message.last)
         reply, self._reply = self._reply, None
@@ -302,196 +313,6 @@ class MoechatApp(App):
 
     async def on_search_changed(self, message: SearchChanged) -> None:
         await self.refresh_sidebar(message.text)
-
-    async def action_new_chat(self) -> None:
-        if not self._busy():
-            await self.open_conversation(None)
-            self.prompt.focus()
-
-    def action_search(self) -> None:
-        self.query_one("#search").focus()
-
-    def request_delete(self, cid: int | None) -> None:
-        cid = cid if cid is not None else self.cid
-        conversation = self.history.conversation(cid) if cid is not None else None
-        if conversation is None or (cid == self.cid and self._busy()):
-            return
-
-        async def answered(yes: bool | None) -> None:
-            if yes:
-                self.history.delete_conversation(cid)
-                if cid == self.cid:
-                    await self.open_conversation(None)
-                else:
-                    await self.refresh_sidebar()
-
-        self.push_screen(ConfirmScreen(f"Delete “{conversation.title}”?"), answered)
-
-    def action_delete_chat(self) -> None:
-        self.request_delete(None)
-
-    def action_rename(self) -> None:
-        conversation = self.history.conversation(self.cid) if self.cid is not None else None
-        if conversation is None:
-            self.notify("nothing to rename yet: send a message first")
-            return
-
-        async def answered(title: str | None) -> None:
-            if title and title.strip():
-                self.history.rename(conversation.id, title.strip())
-                await self.refresh_sidebar()
-
-        self.push_screen(InputScreen("Rename this chat", conversation.title), answered)
-
-    # ---- regenerate / edit --------------------------------------------------------------
-    async def action_regenerate(self) -> None:
-        if self._busy() or self.engine is None or self.cid is None:
-            return
-        stored = self.history.messages(self.cid)
-        if stored and stored[-1].role == "assistant":
-            await self._forget(stored[-1:])
-            stored = stored[:-1]
-        if not stored:
-            return
-        await self.start_reply()
-
-    async def action_edit_last(self) -> None:
-        if self._busy() or self.cid is None:
-            return
-        stored = self.history.messages(self.cid)
-        users = [i for i, m in enumerate(stored) if m.role == "user"]
-        if not users:
-            return
-        last_user = stored[users[-1]]
-        await self._forget(stored[users[-1]:])
-        self.prompt.text = last_user.content
-        self.prompt.move_cursor(self.prompt.document.end)
-        self.prompt.focus()
-
-    async def _forget(self, stored) -> None:
-        """Delete messages from the history and from the screen."""
-        gone = {m.id for m in stored}
-        for m in stored:
-            self.history.delete_message(m.id)
-        for item in self.chat.items():
-            if item.mid in gone:
-                await item.remove()
-
-    # ---- settings -----------------------------------------------------------------------
-    def action_system_prompt(self) -> None:
-        conversation = self.history.conversation(self.cid) if self.cid is not None else None
-        current = conversation.system_prompt if conversation else self.system_prompt_for_new
-
-        def answered(text: str | None) -> None:
-            if text is None:
-                return
-            if conversation is not None:
-                self.history.set_system_prompt(conversation.id, text.strip())
-            else:
-                self.system_prompt_for_new = text.strip()
-            self.notify("system prompt set" if text.strip() else "system prompt cleared")
-
-        self.push_screen(InputScreen("System prompt for this chat (empty: none)", current),
-                         answered)
-
-    def action_temperature(self) -> None:
-        self._ask_number("Temperature (0 = greedy)", "temperature", float, lambda v: v >= 0)
-
-    def action_max_tokens(self) -> None:
-        self._ask_number("Max tokens per reply", "max_tokens", int, lambda v: v > 0)
-
-    def _ask_number(self, question: str, field: str, kind, valid) -> None:
-        def answered(text: str | None) -> None:
-            if text is None:
-                return
-            try:
-                value = kind(text)
-            except ValueError:
-                value = None
-            if value is None or not valid(value):
-                self.notify(f"{field.replace('_', ' ')}: not a valid value: {text}",
-                            severity="error")
-                return
-            self.sampling = dataclasses.replace(self.sampling, **{field: value})
-            self.notify(f"{field.replace('_', ' ')} = {value}")
-
-        self.push_screen(InputScreen(question, str(getattr(self.sampling, field))), answered)
-
-    def action_switch_model(self) -> None:
-        if self._busy():
-            return
-        if self.loading:
-            self.notify("a model is loading: wait for it first")
-            return
-
-        def answered(spec: str | None) -> None:
-            if spec is not None and not self.generating and not self.loading:
-                self.model_spec = spec.strip() or None
-                self.load_model(self.model_spec)
-
-        self.push_screen(InputScreen(
-            "Model: a GGUF path or a models.toml name (empty: the built-in demo)",
-            self.model_spec or "", placeholder="~/models/model.gguf"), answered)
-
-    # ---- copy / export / plan / help ----------------------------------------------------
-    def _last_reply_text(self) -> str:
-        reply = self.chat.last("assistant")
-        return reply.text if reply is not None else ""
-
-    def action_copy_reply(self) -> None:
-        text = self._last_reply_text()
-        if text:
-            self.copy_to_clipboard(text)
-            self.notify("copied the last reply")
-
-    def action_copy_code(self) -> None:
-        blocks = CODE_BLOCK.findall(self._last_reply_text())
-        if blocks:
-            self.copy_to_clipboard(blocks[-1])
-            self.notify("copied the last code block")
-        else:
-            self.notify("no code block in the last reply")
-
-    def action_export(self) -> None:
-        if self.cid is None:
-            self.notify("nothing to export yet")
-            return
-        path = Path.cwd() / f"moechat-chat-{self.cid}.md"
-        try:
-            path.write_text(export_markdown(self.history, self.cid), encoding="utf-8")
-        except OSError as err:
-            self.notify(f"could not write {path}: {err}", severity="error")
-            return
-        self.notify(f"exported to {path}")
-
-    def action_show_plan(self) -> None:
-        self.push_screen(PlanScreen(self.card))
-
-    def action_help(self) -> None:
-        self.push_screen(HelpScreen())
-
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        commands = [
-            ("New chat", "start a new conversation", self.action_new_chat),
-            ("Regenerate", "regenerate the last reply", self.action_regenerate),
-            ("Edit last message", "put the last message back in the box", self.action_edit_last),
-            ("Stop", "stop the reply being generated", self.action_stop),
-            ("System prompt", "set this chat's system prompt", self.action_system_prompt),
-            ("Temperature", f"now {self.sampling.temperature}", self.action_temperature),
-            ("Max tokens", f"now {self.sampling.max_tokens}", self.action_max_tokens),
-            ("Switch model", "open another GGUF model", self.action_switch_model),
-            ("Copy reply", "copy the last reply", self.action_copy_reply),
-            ("Copy code block", "copy the last code block", self.action_copy_code),
-            ("Export to Markdown", "write this chat to a .md file", self.action_export),
-            ("Rename chat", "rename this conversation", self.action_rename),
-            ("Delete chat", "delete this conversation", self.action_delete_chat),
-            ("Search chats", "search conversations by text", self.action_search),
-            ("Show the plan", "what the planner picks for this model", self.action_show_plan),
-            ("Keys", "show every key", self.action_help),
-        ]
-        for title, help_text, callback in commands:
-            yield SystemCommand(title, help_text, callback)
 
     # ---- shutdown -----------------------------------------------------------------------
     async def action_quit(self) -> None:

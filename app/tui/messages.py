@@ -33,11 +33,13 @@ class ModelLoadFailed(Message):
 
 
 class ReplyDelta(Message):
-    """One engine event while a reply streams."""
+    """New text while a reply streams: every event's text since the last update, and the
+    latest event (coalesce.py: a few of these a second, not one per token)."""
 
-    def __init__(self, event: Event) -> None:
+    def __init__(self, event: Event, text: str | None = None) -> None:
         super().__init__()
         self.event = event
+        self.text = event.text if text is None else text
 
 
 class ReplyFinished(Message):
