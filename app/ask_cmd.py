@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from moechat.backends.engines.engine import Sampling
     from moechat.backends.errors import MoechatError
-    from moechat.backends.manager import open_engine
+    from moechat.backends.manager import open_engine, record_reply
     from moechat.backends.model.model_card import read_model_card
     from moechat.backends.model.model_resolve import resolve_model
 
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         writer.finish("error")
         raise MoechatError(last.error if last and last.error else "the engine produced nothing")
     writer.finish("done", stats=reply_stats(last, engine.name, len(token_ids)))
+    record_reply(card, engine, last)  # measured beside predicted: corrects the next plans
     history.close()
     text = writer.parts
     if args.json:

@@ -42,6 +42,7 @@ def run(args) -> int:
     from moechat.backends.errors import MoechatError
     from moechat.backends.model.model_resolve import resolve_card
     from moechat.backends.plan.planner import NoFitError, make_plan
+    from moechat.backends.plan.run_log import corrections_for
 
     if args.threads is not None and not args.measure:
         raise MoechatError("--threads goes with --measure")
@@ -52,9 +53,11 @@ def run(args) -> int:
         profile = read_profile(args.profile)
     else:
         progress = None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr))
-        profile = load_profile(refresh=args.measure, progress=progress)
+        profile = None if args.measure else _remeasured_if_drifted(progress)
+        profile = profile or load_profile(refresh=args.measure, progress=progress)
+    corrections = {} if args.profile else corrections_for(card, profile)
     try:
-        plan = make_plan(card, profile, n_ctx=args.ctx)
+        plan = make_plan(card, profile, n_ctx=args.ctx, corrections=corrections)
     except NoFitError as err:
         if not args.json:
             print(render_table(err.candidates, None))
@@ -71,7 +74,7 @@ def run(args) -> int:
         measured, profile = measure_candidates(card, plan, profile, args)
         if not threads_changed:  # a profile for another thread count is not this machine's default
             write_profile(profile, profile_path())
-        remeasured = make_plan(card, profile, n_ctx=args.ctx)
+        remeasured = make_plan(card, profile, n_ctx=args.ctx)  # a new profile: no runs yet
         by_key = {_key(c): c for c in remeasured.candidates}
         measured = {by_key[_key(c)]: m for c, m in measured.items() if _key(c) in by_key}
         plan = remeasured
@@ -88,11 +91,41 @@ def run(args) -> int:
     print(render_table(plan.candidates, plan.choice, measured))
     print(f"\nchoice: {plan.choice.engine} · {_placement_text(plan.choice)}")
     print(f"why: {plan.reason}")
+    for line in _correction_lines(plan.candidates):
+        print(line)
     if measured:
         fastest = max(measured, key=lambda c: measured[c][1])
         verdict = "yes" if fastest == plan.choice else f"no (measured fastest: {_placement_text(fastest)})"
         print(f"choice is the measured fastest: {verdict}")
     return 0
+
+
+def _remeasured_if_drifted(progress):
+    from moechat.backends.plan.run_log import DRIFT, DRIFT_RUNS, remeasure_if_drifted
+
+    def say(step):
+        if progress:
+            progress(step)
+
+    profile = remeasure_if_drifted(progress=say)
+    if profile is not None:
+        print(f"(the profile's predictions missed the last {DRIFT_RUNS} real runs by more than "
+              f"{DRIFT:.0%}: re-measured it while the machine was idle)", file=sys.stderr)
+    return profile
+
+
+def _correction_lines(candidates) -> list[str]:
+    """predicted · last measured · how the prediction was corrected, per corrected candidate."""
+    lines = []
+    for c in candidates:
+        if c.correction is None:
+            continue
+        last = c.correction.last
+        lines.append(
+            f"corrected: {c.engine} · {_placement_text(c)}: cost model {c.cost_model_decode_tok_s:.1f} "
+            f"tok/s decode, last measured {last.measured_decode:.1f}, "
+            f"{c.correction.describe()} (median measured/predicted) -> {c.decode_tok_s:.1f} tok/s")
+    return lines
 
 
 def _machine(profile) -> str:
@@ -111,8 +144,11 @@ def _placement_text(c) -> str:
 def render_table(candidates, choice, measured=None) -> str:
     measured = measured or {}
     head = ["", "engine", "placement", "prefill tok/s", "decode tok/s", "RAM GiB", "VRAM GiB", "fits", "note"]
+    corrected = any(getattr(c, "correction", None) is not None for c in candidates)
     if measured:
         head[5:5] = ["measured prefill", "measured decode", "decode error"]
+    if corrected:  # predicted by the cost model, the last real run, the correction between
+        head[5:5] = ["cost model decode", "last run decode", "correction"]
     rows = [head]
     for c in candidates:
         row = [
@@ -130,6 +166,10 @@ def render_table(candidates, choice, measured=None) -> str:
             m = measured.get(c)
             row[5:5] = ([f"{m[0]:.1f}", f"{m[1]:.1f}", f"{(c.decode_tok_s / m[1] - 1) * 100:+.0f}%"]
                         if m else ["", "", ""])
+        if corrected:
+            k = c.correction
+            row[5:5] = ([f"{c.cost_model_decode_tok_s:.1f}", f"{k.last.measured_decode:.1f}", k.describe()]
+                        if k is not None else ["", "", ""])
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)

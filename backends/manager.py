@@ -153,9 +153,11 @@ def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
     unless force."""
     from moechat.backends.plan.hardware_profile import load_profile
     from moechat.backends.plan.planner import NoFitError, make_plan
+    from moechat.backends.plan.run_log import corrections_for
 
+    profile = load_profile(measure=False)
     try:
-        return make_plan(card, load_profile(measure=False), n_ctx=n_ctx).choice
+        return make_plan(card, profile, n_ctx=n_ctx, corrections=corrections_for(card, profile)).choice
     except NoFitError:
         if force:
             return None
@@ -180,3 +182,20 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
         raise MoechatError(f"llama.cpp placement {candidate.placement!r} is not wired into the engine yet")
     return LlamaCppEngine(card, placement, n_ctx=n_ctx or default_context(card), threads=threads,
                           ui=ui)
+
+
+def record_reply(card: ModelCard, engine, last) -> None:
+    """Store a finished reply's measured speeds beside the plan's prediction for the same
+    placement (backends/plan/run_log.py), so the next plans are corrected by them. Engines
+    without a llama.cpp placement are not recorded yet; a failure here never costs the reply."""
+    spec = getattr(engine, "placement_spec", None)
+    if spec is None or last is None or last.finish_reason == "error":
+        return
+    from moechat.backends.plan.run_log import record_run
+
+    try:
+        record_run(card, engine.name, spec.kind, spec.n_cpu_moe if spec.kind == "moe" else None,
+                   getattr(engine, "n_ctx", None) or default_context(card), last)
+    except Exception as err:  # the store is a nicety: say so on stderr, keep the reply
+        print(f"moechat: warning: could not record the run ({type(err).__name__}: {err})",
+              file=sys.stderr)

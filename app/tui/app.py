@@ -50,6 +50,7 @@ from moechat.app.tui.sidebar import Sidebar
 from moechat.app.tui.status_bar import StatusBar
 from moechat.backends.engines.engine import Sampling
 from moechat.backends.errors import MoechatError
+from moechat.backends.manager import record_reply
 
 OpenModel = Callable[[str | None, EngineOptions, Callable[[str], None]], LoadedModel]
 
@@ -236,6 +237,8 @@ class MoechatApp(ChatCommands, App):
             stats = reply_stats(last, engine.name, n_tokens) if last is not None else {}
             if writer is not None:
                 writer.finish(status, stats)
+            if status in ("done", "stopped"):  # measured beside predicted: corrects the plan
+                record_reply(self.card, engine, last)
             self.post_message(ReplyFinished(writer.mid if writer else None,
                                             writer.text if writer else "", status, last, error,
                                             stats))

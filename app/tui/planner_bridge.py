@@ -51,10 +51,13 @@ def predicted_decode_tok_s(card, engine) -> float | None:
     from moechat.backends.errors import MoechatError
     from moechat.backends.plan.planner import make_plan
 
+    from moechat.backends.plan.run_log import corrections_for
+
     if card is None or not profile_path().exists():
         return None
+    profile = load_profile(measure=False)
     try:
-        plan = make_plan(card, load_profile(measure=False))
+        plan = make_plan(card, profile, corrections=corrections_for(card, profile))
     except MoechatError as err:  # nothing fits by the planner's reckoning: its candidates stay
         candidates = getattr(err, "candidates", ())
     else:

@@ -5,6 +5,10 @@ Candidates (docs/cost-model.md): llama.cpp CPU only; all on the GPU; a plain lay
 N that fits; Fiddler- and HOBBIT-style (predicted even while those engines are not built,
 marked unavailable). The choice is the fitting, available candidate with the highest
 predicted decode speed (prefill breaks ties); nothing fitting is a one-line refusal.
+
+With `corrections` (run_log.corrections_for: this model's real runs on this profile), a
+candidate's prediction is the cost model's times the measured/predicted ratio of its last runs,
+and it says so (`correction`, `cost_model_decode_tok_s`).
 """
 
 from __future__ import annotations
@@ -32,14 +36,27 @@ class Candidate:
     fits: bool
     available: bool
     note: str
+    correction: object = None  # run_log.Correction applied to the cost model's figures, if any
+    cost_model_decode_tok_s: float = 0.0  # before the correction (= decode_tok_s without one)
+    cost_model_prefill_tok_s: float = 0.0
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "engine": self.engine, "placement": self.placement, "n_cpu_moe": self.n_cpu_moe,
             "prefill_tok_s": round(self.prefill_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
             "ram_bytes": self.ram_bytes, "vram_bytes": self.vram_bytes,
             "fits": self.fits, "available": self.available, "note": self.note,
         }
+        if self.correction is not None:
+            c = self.correction
+            out["correction"] = {
+                "decode_factor": round(c.decode, 3), "prefill_factor": round(c.prefill, 3),
+                "runs": c.runs, "cost_model_decode_tok_s": round(self.cost_model_decode_tok_s, 2),
+                "cost_model_prefill_tok_s": round(self.cost_model_prefill_tok_s, 2),
+                "last_measured_decode_tok_s": round(c.last.measured_decode, 2),
+                "last_measured_prefill_tok_s": round(c.last.measured_prefill, 2),
+            }
+        return out
 
 
 @dataclass(frozen=True)
@@ -61,15 +78,31 @@ class NoFitError(MoechatError):
         self.candidates = candidates
 
 
-def make_plan(card, profile, n_ctx: int | None = None, routing=None) -> Plan:
-    """Predict every candidate for `card` on `profile` and choose; NoFitError if none fits."""
+def make_plan(card, profile, n_ctx: int | None = None, routing=None, corrections=None) -> Plan:
+    """Predict every candidate for `card` on `profile` and choose; NoFitError if none fits.
+    corrections: {run_log.placement_key: Correction} from this model's measured runs."""
     n_ctx = n_ctx or min(card.context_length, 4096)
-    candidates = tuple(_candidates(card, profile, n_ctx, routing))
+    candidates = tuple(_corrected(c, corrections) for c in _candidates(card, profile, n_ctx, routing))
     usable = [c for c in candidates if c.fits and c.available]
     if not usable:
         raise NoFitError(_refusal(card, profile, n_ctx, candidates), candidates)
     choice = max(usable, key=lambda c: (round(c.decode_tok_s, 6), c.prefill_tok_s, -c.vram_bytes))
     return Plan(choice, candidates, _reason(card, profile, choice, candidates))
+
+
+def _corrected(c: Candidate, corrections) -> Candidate:
+    import dataclasses
+
+    from moechat.backends.plan.run_log import placement_key
+
+    found = (corrections or {}).get(placement_key(c.engine, c.placement, c.n_cpu_moe))
+    if found is None:
+        return dataclasses.replace(c, cost_model_decode_tok_s=c.decode_tok_s,
+                                   cost_model_prefill_tok_s=c.prefill_tok_s)
+    return dataclasses.replace(c, decode_tok_s=c.decode_tok_s * found.decode,
+                               prefill_tok_s=c.prefill_tok_s * found.prefill, correction=found,
+                               cost_model_decode_tok_s=c.decode_tok_s,
+                               cost_model_prefill_tok_s=c.prefill_tok_s)
 
 
 def placement_of(candidate: Candidate) -> cm.Placement:

@@ -299,7 +299,7 @@ def fake_planner(monkeypatch, candidates, reason="llama.cpp on the CPU: no GPU h
     from moechat.backends.plan import planner
 
     plan = types.SimpleNamespace(choice=candidates[0], candidates=tuple(candidates), reason=reason)
-    monkeypatch.setattr(planner, "make_plan", lambda card, profile: plan)
+    monkeypatch.setattr(planner, "make_plan", lambda card, profile, **kw: plan)
     monkeypatch.setattr(hardware_profile, "load_profile", lambda measure=True, **kw: "2 cores")
     monkeypatch.setattr(hardware_profile, "profile_path", lambda: Path(__file__))  # exists
 
