@@ -17,7 +17,15 @@ def run(args) -> int:
     from moechat.backends.plan.hardware_profile import load_profile, profile_path
 
     progress = None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr))
-    profile = load_profile(refresh=args.refresh, progress=progress)
+    profile = None
+    if not args.refresh:  # predictions that kept missing real runs: measure again, if idle now
+        from moechat.backends.plan.run_log import remeasure_if_drifted
+
+        profile = remeasure_if_drifted(progress=progress)
+        if profile is not None and not args.json:
+            print("(re-measured: the cached profile's predictions missed the last real runs "
+                  "by more than 25%)", file=sys.stderr)
+    profile = profile or load_profile(refresh=args.refresh, progress=progress)
     hint = cuda_build_hint(profile)
     if args.json:
         print(json.dumps(profile.to_dict(), indent=2))
