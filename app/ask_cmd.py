@@ -137,7 +137,9 @@ def _read_question(prompt: str) -> str:
 
     piped = ""
     if sys.stdin is not None and not sys.stdin.isatty():
-        piped = _utf8_or_replaced(sys.stdin.buffer.read(), "stdin")
+        raw = getattr(sys.stdin, "buffer", None)  # bytes, so that bad UTF-8 is ours to handle
+        data = raw.read() if raw is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        piped = _utf8_or_replaced(data, "stdin")
     # argv is decoded with surrogateescape: bytes that are not UTF-8 arrive as lone surrogates
     prompt = _utf8_or_replaced(os.fsencode(prompt), "the prompt")
     question = "\n\n".join(part for part in (prompt.strip(), piped.strip()) if part)

@@ -32,6 +32,8 @@ def run_rounds(engines: dict, rounds: int, tokens: int) -> dict:
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
             results[name].append(decode(engines[name], tokens))
+            print(f"round {r + 1}: {name}: {results[name][-1][0]:.1f} tok/s "
+                  f"({results[name][-1][1]} threads)", file=sys.stderr, flush=True)
     return results
 
 
