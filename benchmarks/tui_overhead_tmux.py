@@ -49,7 +49,8 @@ def tmux(*args: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="GGUF path (default: the demo MoE)")
-    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=512,
+                        help="ask's --max-tokens; keep the chat app's default of 512 for equal replies")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, help="default: the engines' default")
     args = parser.parse_args()
