@@ -71,7 +71,7 @@ def main() -> int:
     for holdout in (False, True):
         print()
         print(("hold-out runs (never fitted on)" if holdout else "fit runs") + ":")
-        head = ["group", "runs", "median |pred/meas - 1|", "median pred/meas", "min", "max"]
+        head = ["group", "runs", "median abs(pred/meas - 1)", "median pred/meas", "min", "max"]
         print(line(head))
         if args.markdown:
             print(line(["---"] * len(head)))

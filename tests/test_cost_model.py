@@ -109,3 +109,16 @@ def test_cost_model_does_not_import_torch():
     code = ("import sys; import moechat.backends.plan.cost_model, moechat.backends.plan.planner; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_sliding_window_layers_read_only_their_window(rtx4090):
+    gpt_oss = geometry_card("gpt-oss-20b", qtype="Q4_0")  # 24 layers, every other one SWA (window 128)
+    assert (gpt_oss.sliding_window, gpt_oss.n_swa_layers) == (128, 12)
+    per_layer = gpt_oss.kv_bytes_per_token / gpt_oss.n_layers
+    assert cm.kv_read_bytes(gpt_oss, 32768) == per_layer * (12 * 32768 + 12 * 128)
+    assert cm.kv_read_bytes(gpt_oss, 100) == cm.kv_bytes(gpt_oss, 100)  # inside the window: all of it
+    assert cm.kv_bytes(gpt_oss, 32768) == gpt_oss.kv_bytes_per_token * 32768  # the cache stays full-size
+    qwen = geometry_card("qwen3-30b-a3b", qtype="Q4_K")  # no sliding window: every position is read
+    assert cm.kv_read_bytes(qwen, 32768) == cm.kv_bytes(qwen, 32768)
+    deep = cm.predict(gpt_oss, rtx4090, cm.Placement("gpu"), n_ctx=40000, n_past=32768)
+    assert deep.decode_terms["KV cache"] == pytest.approx(cm.kv_read_bytes(gpt_oss, 32768) / (rtx4090.gpus[0].mem_gbs * 1e9))

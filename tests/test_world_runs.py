@@ -101,3 +101,18 @@ def test_plan_table_and_json_show_a_range_per_candidate(tmp_path):
     entry = plan.to_dict()["candidates"][0]
     assert entry["decode_tok_s_range"] and entry["decode_range_backed_by"]
     assert json.loads(json.dumps(plan.to_dict()))["choice"]["decode_tok_s"] == round(plan.choice.decode_tok_s, 2)
+
+
+def test_calibrated_gpu_bandwidths_come_from_the_dense_runs():
+    from tests.fixtures.world_runs import dense_bandwidth
+
+    calibrated = 0
+    for path in PROFILES.glob("*.json"):
+        p = read_profile(path)
+        implied = dense_bandwidth(path.stem)
+        if implied:
+            calibrated += 1
+            assert p.gpus[0].mem_gbs == round(implied[0]), path.stem
+            assert "dense llama-bench runs" in p.sources["gpus[0].mem_gbs"]
+            assert implied[0] < p.gpus[0].mem_gbs * 1.01 and 0 < implied[1] < 5e-3
+    assert calibrated == 8

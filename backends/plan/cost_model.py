@@ -104,6 +104,16 @@ def kv_bytes(card, n_ctx: int) -> int:
     return card.kv_bytes_per_token * n_ctx
 
 
+def kv_read_bytes(card, n_past: int) -> float:
+    """KV-cache bytes one decoded token reads at depth n_past: every position of a full
+    attention layer, but only the window of a sliding-window layer (gpt-oss: half its layers
+    attend to the last 128 positions) - the cache is full-size either way (kv_bytes)."""
+    per_layer = card.kv_bytes_per_token / max(1, card.n_layers)
+    swa = min(card.n_swa_layers, card.n_layers)
+    window = min(n_past, card.sliding_window) if card.sliding_window else n_past
+    return per_layer * ((card.n_layers - swa) * n_past + swa * window)
+
+
 def compute_buffer_bytes(card) -> int:
     """llama.cpp's compute buffer at a 512-token micro-batch: logits + the widest activation."""
     widest = max(card.ffn_size, card.expert_ffn_size * max(1, card.n_experts_used), card.hidden_size * 4)
@@ -275,7 +285,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
             add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
     for gpu_s, cpu_s in fiddler_layers.values():
         add("experts GPU ‖ CPU (overlapped)", max(gpu_s, cpu_s))
-    add("KV cache", kv_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
+    add("KV cache", kv_read_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
     _add_overheads(card, profile, placement, add)
     decode_s = sum(terms.values())
     return Prediction(
