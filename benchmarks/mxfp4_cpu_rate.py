@@ -1,9 +1,9 @@
 """CPU matvec rate of MXFP4 (gpt-oss's expert type) against the types ggml repacks, per thread.
 
-    .venv/bin/python benchmarks/mxfp4_cpu_rate.py [--rounds 6] [--threads 1]
+    .venv/bin/python benchmarks/mxfp4_cpu_rate.py [--rounds 6] [--threads 1] [--mib N]
 
 ggml's mul_mat at batch 1 through kernels/ggml.py (the ggml llama.cpp loads), on a 4096-wide
-weight of 4 x LLC, each type in the layout llama.cpp's CPU backend uses (Q4_0 and Q4_K
+weight of 4 x LLC (or --mib), each type in the layout llama.cpp's CPU backend uses (Q4_0 and Q4_K
 repacked, Q8_0 and MXFP4 plain: ggml has no repacked MXFP4 kernel on x86). Rounds alternate
 the types; the best round per type is kept (STREAM's rule: the machine is shared). The
 MXFP4 rate per thread is what backends/plan/cost_model.py assumes for MXFP4 experts on the
@@ -25,6 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mib", type=int, help="weight size (default: 4 x the last-level cache)")
     args = ap.parse_args()
 
     from moechat.backends.plan import cpu_probes
@@ -32,7 +33,7 @@ def main() -> int:
 
     cpu_probes.MATVEC_QTYPES = tuple(TYPES)  # this script's own run of the profile's probe
     cpu_probes._QUANT_SIZES.update(TYPES)
-    target = cpu_probes._stream_bytes(cpu_probes.cpu_facts().llc_bytes)
+    target = (args.mib << 20) if args.mib else cpu_probes._stream_bytes(cpu_probes.cpu_facts().llc_bytes)
     best: dict[str, float] = {}
     for r in range(args.rounds):
         rates = cpu_probes._ggml_matvec_gbs(ggml, target, 4096, args.threads, 1.0 * len(TYPES), "best")

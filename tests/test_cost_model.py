@@ -122,3 +122,14 @@ def test_sliding_window_layers_read_only_their_window(rtx4090):
     assert cm.kv_read_bytes(qwen, 32768) == cm.kv_bytes(qwen, 32768)
     deep = cm.predict(gpt_oss, rtx4090, cm.Placement("gpu"), n_ctx=40000, n_past=32768)
     assert deep.decode_terms["KV cache"] == pytest.approx(cm.kv_read_bytes(gpt_oss, 32768) / (rtx4090.gpus[0].mem_gbs * 1e9))
+
+
+
+def test_mxfp4_uses_its_own_measured_rate_else_q4_0s(laptop):
+    import dataclasses
+
+    assert "MXFP4" not in laptop.cpu_matvec_gbs  # a profile from before MXFP4 was probed
+    assert cm.cpu_rate_gbs(laptop, "MXFP4") == cm.cpu_rate_gbs(laptop, "Q4_0")
+    profiled = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "MXFP4": 9.5})
+    assert cm.cpu_rate_gbs(profiled, "MXFP4") == 9.5
+    assert cm.cpu_rate_gbs(profiled, "Q4_0") == laptop.cpu_matvec_gbs["Q4_0"]

@@ -50,7 +50,7 @@ FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured
 
 # GGUF type -> the measured matvec type whose rate stands in for it (same kernel family).
 RATE_FAMILY = {
-    "Q4_0": "Q4_0", "Q4_1": "Q4_0", "Q5_0": "Q4_0", "Q5_1": "Q4_0", "IQ4_NL": "Q4_0", "MXFP4": "Q4_0",
+    "Q4_0": "Q4_0", "Q4_1": "Q4_0", "Q5_0": "Q4_0", "Q5_1": "Q4_0", "IQ4_NL": "Q4_0", "MXFP4": "MXFP4",
     "Q8_0": "Q8_0", "Q8_1": "Q8_0",
     "Q2_K": "Q4_K", "Q3_K": "Q4_K", "Q4_K": "Q4_K", "Q5_K": "Q4_K", "Q6_K": "Q4_K", "IQ4_XS": "Q4_K",
     "F16": "F16", "BF16": "F16", "F32": "F16",
@@ -158,7 +158,10 @@ def cpu_rate_gbs(profile, type_name: str) -> float:
     """CPU bytes/s for a weight of this type at batch 1: the measured ggml matvec rate of its
     kernel family, never above the measured RAM read bandwidth."""
     rates = profile.cpu_matvec_gbs or {}
-    rate = rates.get(RATE_FAMILY.get(type_name, "Q4_K")) or rates.get("Q4_0") or profile.ram_read_gbs
+    family = RATE_FAMILY.get(type_name, "Q4_K")
+    # MXFP4 (gpt-oss's experts) has its own kernel, measured by `moechat profile` since
+    # issue 20; profiles without it fall back to Q4_0's rate, as before
+    rate = rates.get(family) or rates.get("Q4_0") or profile.ram_read_gbs
     return min(rate, profile.ram_read_gbs) if profile.ram_read_gbs else rate
 
 
