@@ -144,6 +144,8 @@ def range_legend(candidates) -> str:
     for c in candidates:
         if c.decode_range:
             seen.setdefault(_placement_kind_text(c), c.range_backed_by)
+        elif c.decode_tok_s:
+            seen.setdefault(c.engine, "no published runs of this kind: no range")
     if not seen:
         return ""
     lines = [f"  {kind}: {backed}" for kind, backed in seen.items()]

@@ -60,14 +60,16 @@ def main() -> int:
     def line(cells):
         return (f"| {' | '.join(cells)} |" if args.markdown else "  ".join(cells))
 
-    head = ["run", "group", "hold-out", "machine", "model", "placement", "depth", "predicted", "measured", "pred/meas"]
+    head = ["run", "group", "hold-out", "machine", "model", "placement", "depth", "predicted", "measured", "pred/meas",
+            "prefill pred/meas"]
     print(line(head))
     if args.markdown:
         print(line(["---"] * len(head)))
     for run, p, r in results:
         place = run.placement if run.placement != "moe" else f"n-cpu-moe {run.n_cpu_moe}"
+        prefill = f"{p.prefill_tok_s / run.prefill_tok_s:.2f} ({run.prefill_test})" if run.prefill_tok_s else ""
         print(line([run.id, run.group, "yes" if run.holdout else "", run.machine, f"{run.model} {run.quant}", place,
-                    str(run.n_past), f"{p.decode_tok_s:.1f}", f"{run.decode_tok_s:g}", f"{r:.2f}"]))
+                    str(run.n_past), f"{p.decode_tok_s:.1f}", f"{run.decode_tok_s:g}", f"{r:.2f}", prefill]))
     for holdout in (False, True):
         print()
         print(("hold-out runs (never fitted on)" if holdout else "fit runs") + ":")

@@ -93,6 +93,7 @@ def test_plan_table_and_json_show_a_range_per_candidate(tmp_path):
     moe = next(c for c in plan.candidates if c.placement == "moe")
     assert f"{moe.decode_range[0]:.1f}-{moe.decode_range[1]:.1f}" in table
     assert "--n-cpu-moe: 5 published runs (s01..s05)" in table
+    assert "fiddler: no published runs of this kind: no range" in table  # said, not left blank
 
     out = subprocess.run([sys.executable, "-m", "moechat.app.cli", "plan", str(REPO / "tests/fixtures/external_runs"
                           / "missing.gguf"), "--profile", str(profile), "--json"], capture_output=True, text=True,
