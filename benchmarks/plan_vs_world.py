@@ -55,7 +55,6 @@ def main() -> int:
     ap.add_argument("--bands", action="store_true", help="print the error bands per placement group")
     args = ap.parse_args()
     results = list(rows())
-    sep = "|" if args.markdown else " "
 
     def line(cells):
         return (f"| {' | '.join(cells)} |" if args.markdown else "  ".join(cells))
@@ -87,7 +86,6 @@ def main() -> int:
             lo, hi = band_of_ratios([1 / r for _, r in group_runs])
             print(f"  {group}: ({lo:.2f}, {hi:.2f}) from {len(group_runs)} runs: "
                   + ",".join(run.id for run, _ in group_runs))
-    del sep
     return 0
 
 
