@@ -110,9 +110,10 @@ def _placement_text(c) -> str:
 
 def render_table(candidates, choice, measured=None) -> str:
     measured = measured or {}
-    head = ["", "engine", "placement", "prefill tok/s", "decode tok/s", "RAM GiB", "VRAM GiB", "fits", "note"]
+    head = ["", "engine", "placement", "prefill tok/s", "decode tok/s", "decode range", "RAM GiB", "VRAM GiB",
+            "fits", "note"]
     if measured:
-        head[5:5] = ["measured prefill", "measured decode", "decode error"]
+        head[6:6] = ["measured prefill", "measured decode", "decode error"]
     rows = [head]
     for c in candidates:
         row = [
@@ -121,6 +122,7 @@ def render_table(candidates, choice, measured=None) -> str:
             _placement_text(c),
             f"{c.prefill_tok_s:.1f}" if c.prefill_tok_s else "-",
             f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
+            f"{c.decode_range[0]:.1f}-{c.decode_range[1]:.1f}" if c.decode_range else "-",
             f"{c.ram_bytes / 2**30:.2f}",
             f"{c.vram_bytes / 2**30:.2f}",
             "yes" if c.fits else "no",
@@ -128,11 +130,33 @@ def render_table(candidates, choice, measured=None) -> str:
         ]
         if measured:
             m = measured.get(c)
-            row[5:5] = ([f"{m[0]:.1f}", f"{m[1]:.1f}", f"{(c.decode_tok_s / m[1] - 1) * 100:+.0f}%"]
+            row[6:6] = ([f"{m[0]:.1f}", f"{m[1]:.1f}", f"{(c.decode_tok_s / m[1] - 1) * 100:+.0f}%"]
                         if m else ["", "", ""])
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return table + range_legend(candidates)
+
+
+def range_legend(candidates) -> str:
+    """Which published measurements back each kind of range (docs/benchmarks.md, issue 20)."""
+    seen = {}
+    for c in candidates:
+        if c.decode_range:
+            seen.setdefault(_placement_kind_text(c), c.range_backed_by)
+        elif c.decode_tok_s:
+            seen.setdefault(c.engine, "no published runs of this kind: no range")
+    if not seen:
+        return ""
+    lines = [f"  {kind}: {backed}" for kind, backed in seen.items()]
+    return ("\n\ndecode range = prediction x the spread of measured/predicted (10th-90th percentile) on "
+            "published llama.cpp runs of that placement:\n" + "\n".join(lines))
+
+
+def _placement_kind_text(c) -> str:
+    if c.placement == "moe":
+        return "--n-cpu-moe"
+    return {"cpu": "CPU only", "gpu": "all on GPU"}.get(c.placement, c.placement)
 
 
 def _key(c):

@@ -37,7 +37,7 @@ def test_olmoe_one_layer_has_real_shapes_and_decodes():
 def test_geometries_have_the_published_parameter_counts():
     import math
 
-    published = {"mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9, "olmoe-1b-7b": 6.9e9, "gpt-oss-20b": 20.9e9,
+    published = {"mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9, "olmoe-1b-7b": 6.9e9, "gpt-oss-20b": 20.9e9, "gpt-oss-120b": 116.8e9,
                  "deepseek-v2-lite": 15.7e9}
     assert set(published) == set(GEOMETRIES)
     for name, total in published.items():

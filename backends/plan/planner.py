@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moechat.backends.plan import cost_model as cm
+from moechat.backends.plan import error_bands
 from moechat.backends.errors import MoechatError
 
 GIB = 1024**3
@@ -32,6 +33,10 @@ class Candidate:
     fits: bool
     available: bool
     note: str
+    # decode tok/s range from the error measured on published runs of this kind of placement
+    # (backends/plan/error_bands.py); None when no published run backs it
+    decode_range: tuple[float, float] | None = None
+    range_backed_by: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -39,6 +44,8 @@ class Candidate:
             "prefill_tok_s": round(self.prefill_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
             "ram_bytes": self.ram_bytes, "vram_bytes": self.vram_bytes,
             "fits": self.fits, "available": self.available, "note": self.note,
+            "decode_tok_s_range": [round(x, 2) for x in self.decode_range] if self.decode_range else None,
+            "decode_range_backed_by": self.range_backed_by,
         }
 
 
@@ -162,6 +169,8 @@ def _candidate(card, profile, engine, placement, n_ctx, routing, available, note
         name = "GPU expert cache"
     available = available and (engine in BUILT_ENGINES or engine in ("fiddler", "hobbit")) and (
         engine != "llama.cpp" or placement.kind in BUILT_LLAMA_PLACEMENTS)
+    band = error_bands.band_for(placement.kind, bool(profile.gpus and profile.gpus[0].unified))
+    decode_range = band.around(p.decode_tok_s) if band and p.decode_tok_s else None
     return Candidate(
         engine=engine,
         placement=name,
@@ -173,6 +182,8 @@ def _candidate(card, profile, engine, placement, n_ctx, routing, available, note
         fits=fits,
         available=available,
         note=note,
+        decode_range=decode_range,
+        range_backed_by=band.note if decode_range else "",
     )
 
 
