@@ -97,7 +97,7 @@ def probe_worker(endpoint: str, measure_link: bool = True) -> WorkerLink:
 def _hello(sock, endpoint) -> tuple[int, int, int]:
     try:
         reply = _call(sock, endpoint, CMD_HELLO, bytes(CONN_CAPS_SIZE), 4 + CONN_CAPS_SIZE)
-    except MoechatError:
+    except (MoechatError, OSError):  # hung up, reset or silent: an RPC server of another version
         raise MoechatError(f"worker {endpoint} did not answer the RPC hello: it runs another "
                            f"RPC protocol than {PROTO_MAJOR}.{PROTO_MINOR}.x (another llama.cpp "
                            f"version) or is not a ggml RPC worker") from None
