@@ -46,11 +46,11 @@ class Worker:
 
 
 @contextlib.contextmanager
-def workers(n: int):
+def workers(n: int, threads: int = 1):
     started = []
     try:
         for _ in range(n):
-            started.append(Worker())
+            started.append(Worker(threads))
         yield started
     finally:
         for w in started:
