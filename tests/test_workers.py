@@ -132,3 +132,23 @@ def test_worker_command_warns_off_loopback_and_refuses_a_busy_port():
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_busy_worker_is_named_busy_not_mismatched():
+    import socket
+
+    from moechat.backends.plan import rpc_probe
+
+    with workers(1) as (w,):
+        held = socket.create_connection(("127.0.0.1", w.port))  # another client the worker is serving
+        try:
+            held.sendall(bytes([14]) + (24).to_bytes(8, "little") + bytes(24))
+            held.recv(8 + 28)
+            old, rpc_probe.REPLY_TIMEOUT_S = rpc_probe.REPLY_TIMEOUT_S, 1.0
+            try:
+                with pytest.raises(MoechatError, match="serving another moechat"):
+                    probe_worker(w.endpoint)
+            finally:
+                rpc_probe.REPLY_TIMEOUT_S = old
+        finally:
+            held.close()

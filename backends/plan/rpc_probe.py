@@ -97,6 +97,10 @@ def probe_worker(endpoint: str, measure_link: bool = True) -> WorkerLink:
 def _hello(sock, endpoint) -> tuple[int, int, int]:
     try:
         reply = _call(sock, endpoint, CMD_HELLO, bytes(CONN_CAPS_SIZE), 4 + CONN_CAPS_SIZE)
+    except TimeoutError:
+        raise MoechatError(f"worker {endpoint} accepted the connection but did not answer within "
+                           f"{REPLY_TIMEOUT_S:.0f} s: it is serving another moechat (a worker serves one "
+                           f"at a time) or is not a ggml RPC worker") from None
     except (MoechatError, OSError):  # hung up, reset or silent: an RPC server of another version
         raise MoechatError(f"worker {endpoint} did not answer the RPC hello: it runs another "
                            f"RPC protocol than {PROTO_MAJOR}.{PROTO_MINOR}.x (another llama.cpp "
