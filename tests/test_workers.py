@@ -152,3 +152,22 @@ def test_a_busy_worker_is_named_busy_not_mismatched():
                 rpc_probe.REPLY_TIMEOUT_S = old
         finally:
             held.close()
+
+
+def test_a_reply_abandoned_midway_does_not_leak_into_the_next(demo_model):
+    from moechat.backends.engines.engine import Sampling
+    from moechat.backends.engines.rpc_engine import RpcLlamaCppEngine
+    from moechat.backends.model.model_card import read_model_card
+
+    card = read_model_card(demo_model)
+    paris = [{"role": "user", "content": PARIS}]
+    with workers(1) as (w,):
+        engine = RpcLlamaCppEngine(card, (w.endpoint,), (15,), n_ctx=256, threads=1)
+        try:
+            stream = engine.generate([{"role": "user", "content": "Tell me a story."}], Sampling(max_tokens=64))
+            next(stream), next(stream)
+            stream.close()  # the caller stops reading after two tokens
+            text = "".join(e.text for e in engine.generate(paris, Sampling(max_tokens=12)))
+        finally:
+            engine.close()
+    assert "Paris" in text

@@ -69,23 +69,33 @@ class RpcLlamaCppEngine:
         if self._proc is None:
             raise MoechatError("the llama.cpp process has ended (a worker stopped); open the model again")
         self._conn.send(("generate", messages, sampling))
-        cancel_sent = False
-        while True:
-            if cancel is not None and cancel.is_set() and not cancel_sent:
-                self._conn.send(("cancel",))
-                cancel_sent = True
-            reply = self._receive(None, poll_s=0.05)
-            if reply is None:  # the child died: keep what was streamed, end with an error
-                error = self._death("mid-reply")
-                self.close()
-                yield Event(finish_reason="error", error=error)
-                return
-            kind, value = reply
-            if kind == "error":
-                raise MoechatError(value)
-            yield value
-            if value.done:
-                return
+        cancel_sent, finished = False, False
+        try:
+            while True:
+                if cancel is not None and cancel.is_set() and not cancel_sent:
+                    self._conn.send(("cancel",))
+                    cancel_sent = True
+                reply = self._receive(None, poll_s=0.05)
+                if reply is None:  # the child died: keep what was streamed, end with an error
+                    finished = True
+                    error = self._death("mid-reply")
+                    self.close()
+                    yield Event(finish_reason="error", error=error)
+                    return
+                kind, value = reply
+                if kind == "error":
+                    finished = True
+                    raise MoechatError(value)
+                finished = value.done
+                yield value
+                if finished:
+                    return
+        finally:
+            if not finished and self._proc is not None:  # the caller stopped reading: stop the
+                self._conn.send(("cancel",))  # child and drain its reply, so the next starts clean
+                while (reply := self._receive(None, poll_s=0.05)) is not None and not (
+                        reply[0] == "error" or reply[1].done):
+                    pass
 
     def time_llama(self, n_prompt: int, n_decode: int, statistic: str = "mean") -> tuple[float, float]:
         """(prefill tok/s, decode tok/s) measured in the child (plan_cmd.time_llama there)."""
