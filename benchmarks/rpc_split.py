@@ -56,9 +56,15 @@ def measured(args) -> None:
                                    threads=profile.threads)
         runs = {"local": [], "split": []}
         try:
+            split_pids = [remote._proc.pid] + [w.proc.pid for w in pair]
+            cpu = {"local": [], "split": []}
             for r in range(args.rounds):  # alternate A and B: the machine is shared and noisy
                 runs["local"].append(time_llama(local.llm, PROMPT, DECODE, args.statistic))
                 runs["split"].append(remote.time_llama(PROMPT, DECODE, args.statistic))
+                # CPU seconds per decoded token, summed over every process of the run: on a
+                # shared machine this shows the RPC path's own cost, which wall time cannot
+                cpu["local"].append(_cpu_per_token(lambda: time_llama(local.llm, 1, DECODE), []))
+                cpu["split"].append(_cpu_per_token(lambda: remote.time_llama(1, DECODE), split_pids))
                 print(f"round {r + 1}: local {runs['local'][-1][1]:.1f}, split {runs['split'][-1][1]:.1f} decode tok/s",
                       file=sys.stderr)
         finally:
@@ -72,9 +78,25 @@ def measured(args) -> None:
                        ("split", (split_pred.prefill_tok_s, split_pred.decode_tok_s))):
         pre, dec = _summary(runs[name], args.statistic)
         print(f"| {name} | {pre:.1f} | {pred[0]:.1f} | {dec:.1f} | {pred[1]:.1f} |")
+    cpu_local, cpu_split = min(cpu["local"]), min(cpu["split"])
+    print(f"\nCPU per decoded token (all processes, best round): local {cpu_local * 1e3:.2f} ms, "
+          f"split {cpu_split * 1e3:.2f} ms ({cpu_split / cpu_local:.2f}x)")
     loc, spl = _summary(runs["local"], args.statistic)[1], _summary(runs["split"], args.statistic)[1]
-    print(f"\nsplit / local decode = {spl / loc:.2f}; RPC cost per token = {(1 / spl - 1 / loc) * 1e3:.2f} ms "
-          f"for 2 workers")
+    print(f"split / local decode (wall) = {spl / loc:.2f}")
+
+
+def _cpu_per_token(run, pids) -> float:
+    """CPU seconds (user + system) that `run` costs this process and `pids`, per token."""
+    import psutil
+
+    procs = [psutil.Process()] + [psutil.Process(p) for p in pids]
+
+    def total():
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    before = total()
+    run()
+    return (total() - before) / (1 + DECODE)
 
 
 def _summary(runs, statistic: str) -> tuple[float, float]:

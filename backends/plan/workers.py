@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from moechat.backends.plan import cost_model as cm
 
 HOP_RTTS = 1.5  # per worker and token: a one-way send in, a get_tensor round trip out
-RPC_CALL_S = 150e-6  # per worker and token: graph split + set/get + server dispatch (estimate: the shared dev VM could not resolve it, docs/benchmarks.md issue 17)
+RPC_CALL_S = 0.7e-3  # per worker and token: graph (de)serialisation, set/get, server dispatch; fitted on loopback (docs/benchmarks.md, issue 17)
 ACT_BYTES = 4  # activations cross the link as float32
 
 
