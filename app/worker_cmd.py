@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import socket
     import threading
 
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         with socket.create_server((args.host, args.port)):
             pass
     except OSError as err:
-        raise MoechatError(f"cannot listen on {endpoint}: {err.strerror or err}") from None
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise MoechatError(f"cannot listen on {endpoint}: {reason}") from None
     if args.host not in LOOPBACK:
         print("WARNING: serving on " + endpoint + ", which is not loopback. llama.cpp's RPC has no\n"
               "WARNING: authentication or encryption: anyone who can reach this port can run code\n"

@@ -108,8 +108,8 @@ def local_devices() -> list[LocalDevice]:
 def served_devices() -> list[LocalDevice]:
     """What `moechat worker` serves: the GPUs if there are any, else the CPU (as
     llama.cpp's rpc-server chooses)."""
-    devices = [d for d in local_devices() if d.name not in ("BLAS",)]
-    gpus = [d for d in devices if not d.is_cpu]
+    devices = local_devices()
+    gpus = [d for d in devices if not d.is_cpu]  # BLAS and other accelerators count as CPU
     return gpus or [d for d in devices if d.name == "CPU"][:1]
 
 
