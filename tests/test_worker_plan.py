@@ -97,6 +97,12 @@ def test_a_much_faster_worker_is_chosen_even_when_the_model_fits_here():
     assert "predicted faster than here alone" in plan.reason
 
 
+def test_too_big_even_for_the_workers_is_one_line():
+    here, workers = read_cluster("two-laptops-2.5gbe")
+    with pytest.raises(NoFitError, match="and its 1 worker"):
+        make_plan(geometry_card("qwen3-235b-a22b", qtype="Q4_K"), here, workers=workers)
+
+
 def test_worker_profiles_round_trip():
     _, workers = read_cluster("three-desktops-1gbe")
     for w in workers:

@@ -230,6 +230,11 @@ def _reason(card, profile, choice: Candidate, candidates) -> str:
 
 
 def _refusal(card, profile, n_ctx, candidates) -> str:
+    splits = [c for c in candidates if c.placement == "split"]
+    if splits:
+        return (f"{card.name} does not fit: {_gib(card.tensor_bytes)} of weights at context {n_ctx}, more "
+                f"than this machine ({_gib(cm.ram_capacity_bytes(profile))}) and its "
+                f"{len(splits[0].workers)} worker(s) can hold together (add a worker, or try a smaller quantization)")
     need = min(c.ram_bytes + c.vram_bytes for c in candidates)
     have_ram = cm.ram_capacity_bytes(profile)
     have_vram = cm.gpu_capacity_bytes(profile) if profile.has_gpu and not profile.gpus[0].unified else 0
