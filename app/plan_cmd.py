@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="with --measure: CPU threads for the engines and the re-measured bandwidths "
                              "(default: the profile's)")
+    from moechat.app.engine_flags import add_workers_argument
+
+    add_workers_argument(parser)
 
 
 def run(args) -> int:
@@ -53,8 +56,15 @@ def run(args) -> int:
     else:
         progress = None if args.json else (lambda m: print(f"measuring {m}...", file=sys.stderr))
         profile = load_profile(refresh=args.measure, progress=progress)
+    workers = ()
+    if args.workers:
+        from moechat.backends.manager import probe_workers
+
+        if args.measure:
+            raise MoechatError("--measure times candidates here; it does not run splits over --workers yet")
+        workers = probe_workers(args.workers)
     try:
-        plan = make_plan(card, profile, n_ctx=args.ctx)
+        plan = make_plan(card, profile, n_ctx=args.ctx, workers=workers)
     except NoFitError as err:
         if not args.json:
             print(render_table(err.candidates, None))
@@ -105,6 +115,9 @@ def _placement_text(c) -> str:
     if c.placement == "moe":
         layers = "layer" if c.n_cpu_moe == 1 else "layers"
         return f"experts of {c.n_cpu_moe} {layers} in RAM (--n-cpu-moe {c.n_cpu_moe})"
+    if c.placement == "split":
+        return f"{c.split[0]} layers here + " + " + ".join(
+            f"{n} on {w}" for n, w in zip(c.split[1:], c.workers))
     return {"cpu": "CPU only", "gpu": "all on GPU"}.get(c.placement, c.placement)
 
 
@@ -160,7 +173,7 @@ def _placement_kind_text(c) -> str:
 
 
 def _key(c):
-    return (c.engine, c.placement, c.n_cpu_moe)
+    return (c.engine, c.placement, c.n_cpu_moe, c.split)
 
 
 def measure_candidates(card, plan, profile, args):
