@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--record", nargs="?", const="", metavar="FILE",
                         help="append a row to docs/benchmarks.md (or FILE)")
+    from moechat.app.engine_flags import add_workers_argument
+
+    add_workers_argument(parser)
 
 
 def run(args) -> int:
@@ -46,12 +49,16 @@ def run(args) -> int:
     n_ctx = args.prompt_tokens + args.tokens + 16
     vram_before = _vram_used()
     t_load = time.perf_counter()
-    engine = open_engine(card, args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=n_ctx, threads=args.threads)
+    engine = open_engine(card, args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=n_ctx, threads=args.threads,
+                         workers=args.workers)
     load_s = time.perf_counter() - t_load
     try:
-        if not hasattr(engine, "llm"):
+        if hasattr(engine, "time_llama"):  # llama.cpp split over workers, timed in its process
+            runs = [engine.time_llama(args.prompt_tokens, args.tokens) for _ in range(args.rounds)]
+        elif not hasattr(engine, "llm"):
             raise MoechatError(f"bench supports the llama.cpp engine for now, not {engine.name}")
-        runs = [time_llama(engine.llm, args.prompt_tokens, args.tokens) for _ in range(args.rounds)]
+        else:
+            runs = [time_llama(engine.llm, args.prompt_tokens, args.tokens) for _ in range(args.rounds)]
     finally:
         vram = max(0, _vram_used() - vram_before)
         engine.close()

@@ -26,10 +26,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", action="store_true",
                         help="skip the least important experts on a cache miss (hobbit engine)")
     parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")
+    add_workers_argument(parser)
+
+
+def add_workers_argument(parser: argparse.ArgumentParser) -> None:
+    """--workers (also on plan and bench, which take no other engine flag)."""
+    import os
+
+    parser.add_argument("--workers", metavar="HOST:PORT,...", default=os.environ.get("MOECHAT_WORKERS") or None,
+                        help="`moechat worker`s to split the model's layers over (llama.cpp RPC; "
+                             "default: $MOECHAT_WORKERS); each is probed first")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The parsed engine flags as keyword arguments of manager.open_engine (minus the card)."""
     return dict(engine=args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=args.ctx, threads=args.threads,
                 force=args.force, vram_budget=args.vram_budget, hobbit_low=args.hobbit_low,
-                skip=args.skip)
+                skip=args.skip, workers=args.workers)

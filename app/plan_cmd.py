@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=thread_count, metavar="N",
                         help="with --measure: CPU threads for the engines and the re-measured bandwidths "
                              "(default: the profile's)")
+    from moechat.app.engine_flags import add_workers_argument
+
+    add_workers_argument(parser)
 
 
 def run(args) -> int:
@@ -56,8 +59,15 @@ def run(args) -> int:
         profile = None if args.measure else _remeasured_if_drifted(progress)
         profile = profile or load_profile(refresh=args.measure, progress=progress)
     corrections = {} if args.profile else corrections_for(card, profile)
+    workers = ()
+    if args.workers:
+        from moechat.backends.manager import probe_workers
+
+        if args.measure:
+            raise MoechatError("--measure times candidates here; it does not run splits over --workers yet")
+        workers = probe_workers(args.workers)
     try:
-        plan = make_plan(card, profile, n_ctx=args.ctx, corrections=corrections)
+        plan = make_plan(card, profile, n_ctx=args.ctx, workers=workers, corrections=corrections)
     except NoFitError as err:
         if not args.json:
             print(render_table(err.candidates, None))
@@ -138,17 +148,21 @@ def _placement_text(c) -> str:
     if c.placement == "moe":
         layers = "layer" if c.n_cpu_moe == 1 else "layers"
         return f"experts of {c.n_cpu_moe} {layers} in RAM (--n-cpu-moe {c.n_cpu_moe})"
+    if c.placement == "split":
+        return f"{c.split[0]} layers here + " + " + ".join(
+            f"{n} on {w}" for n, w in zip(c.split[1:], c.workers))
     return {"cpu": "CPU only", "gpu": "all on GPU"}.get(c.placement, c.placement)
 
 
 def render_table(candidates, choice, measured=None) -> str:
     measured = measured or {}
-    head = ["", "engine", "placement", "prefill tok/s", "decode tok/s", "RAM GiB", "VRAM GiB", "fits", "note"]
+    head = ["", "engine", "placement", "prefill tok/s", "decode tok/s", "decode range", "RAM GiB", "VRAM GiB",
+            "fits", "note"]
     corrected = any(getattr(c, "correction", None) is not None for c in candidates)
     if measured:
-        head[5:5] = ["measured prefill", "measured decode", "decode error"]
+        head[6:6] = ["measured prefill", "measured decode", "decode error"]
     if corrected:  # predicted by the cost model, the last real run, the correction between
-        head[5:5] = ["cost model decode", "last run decode", "correction"]
+        head[6:6] = ["cost model decode", "last run decode", "correction"]
     rows = [head]
     for c in candidates:
         row = [
@@ -157,6 +171,7 @@ def render_table(candidates, choice, measured=None) -> str:
             _placement_text(c),
             f"{c.prefill_tok_s:.1f}" if c.prefill_tok_s else "-",
             f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
+            f"{c.decode_range[0]:.1f}-{c.decode_range[1]:.1f}" if c.decode_range else "-",
             f"{c.ram_bytes / 2**30:.2f}",
             f"{c.vram_bytes / 2**30:.2f}",
             "yes" if c.fits else "no",
@@ -164,19 +179,41 @@ def render_table(candidates, choice, measured=None) -> str:
         ]
         if measured:
             m = measured.get(c)
-            row[5:5] = ([f"{m[0]:.1f}", f"{m[1]:.1f}", f"{(c.decode_tok_s / m[1] - 1) * 100:+.0f}%"]
+            row[6:6] = ([f"{m[0]:.1f}", f"{m[1]:.1f}", f"{(c.decode_tok_s / m[1] - 1) * 100:+.0f}%"]
                         if m else ["", "", ""])
         if corrected:
             k = c.correction
-            row[5:5] = ([f"{c.cost_model_decode_tok_s:.1f}", f"{k.last.measured_decode:.1f}", k.describe()]
+            row[6:6] = ([f"{c.cost_model_decode_tok_s:.1f}", f"{k.last.measured_decode:.1f}", k.describe()]
                         if k is not None else ["", "", ""])
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+    return table + range_legend(candidates)
+
+
+def range_legend(candidates) -> str:
+    """Which published measurements back each kind of range (docs/benchmarks.md, issue 20)."""
+    seen = {}
+    for c in candidates:
+        if c.decode_range:
+            seen.setdefault(_placement_kind_text(c), c.range_backed_by)
+        elif c.decode_tok_s:
+            seen.setdefault(c.engine, "no published runs of this kind: no range")
+    if not seen:
+        return ""
+    lines = [f"  {kind}: {backed}" for kind, backed in seen.items()]
+    return ("\n\ndecode range = prediction x the spread of measured/predicted (10th-90th percentile) on "
+            "published llama.cpp runs of that placement:\n" + "\n".join(lines))
+
+
+def _placement_kind_text(c) -> str:
+    if c.placement == "moe":
+        return "--n-cpu-moe"
+    return {"cpu": "CPU only", "gpu": "all on GPU"}.get(c.placement, c.placement)
 
 
 def _key(c):
-    return (c.engine, c.placement, c.n_cpu_moe)
+    return (c.engine, c.placement, c.n_cpu_moe, c.split)
 
 
 def measure_candidates(card, plan, profile, args):

@@ -83,15 +83,19 @@ def open_engine(
     hobbit_low: str = "auto",
     skip: bool = False,
     ui: bool = False,
+    workers: str | None = None,
 ):
     """Open the engine the user asked for, or the planner's choice for this machine ("auto").
 
     With "auto" and no --n-cpu-moe, the plan (backends/plan/planner.py, on this machine's cached
     profile) picks engine and placement; `engine` or `n_cpu_moe` given by the user win.
-    ui: a chat app's UI shares the CPU (the default thread count may leave it a core)."""
+    ui: a chat app's UI shares the CPU (the default thread count may leave it a core).
+    `workers` ("host:port,..."): `moechat worker`s to split layers over (_open_with_workers)."""
     if engine not in ENGINES:
         raise MoechatError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     n_ctx = n_ctx or default_context(card)
+    if workers:
+        return _open_with_workers(card, workers, engine, n_cpu_moe, n_ctx, threads, force)
     if not force:
         check_fits(card, n_ctx)
     if engine == "auto" and n_cpu_moe is None:
@@ -147,6 +151,43 @@ def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, h
                         low_format=hobbit_low, skip=skip)
 
 
+def probe_workers(workers: str) -> tuple:
+    """Each worker of "host:port,..." probed (memory, link) as a planner WorkerProfile; a dead
+    or mismatched worker is a MoechatError here, before ggml could abort on it."""
+    from moechat.backends.plan.rpc_probe import parse_workers, probe_worker
+    from moechat.backends.plan.workers import WorkerProfile
+
+    return tuple(WorkerProfile.from_link(probe_worker(e)) for e in parse_workers(workers))
+
+
+def _open_with_workers(card, workers, engine, n_cpu_moe, n_ctx, threads, force):
+    """"auto": the plan over this machine and the workers decides (a split only when the model
+    does not fit here or the split is predicted faster); "llama.cpp": the best split, always."""
+    from moechat.backends.plan.hardware_profile import load_profile
+    from moechat.backends.plan.planner import NoFitError, make_plan
+
+    if engine not in ("auto", "llama.cpp") or n_cpu_moe is not None:
+        raise MoechatError("--workers splits layers with the llama.cpp engine; it goes with neither "
+                           "--engine torch/fiddler/hobbit nor --n-cpu-moe")
+    profiles = probe_workers(workers)
+    try:
+        plan = make_plan(card, load_profile(measure=False), n_ctx=n_ctx, workers=profiles)
+        candidates, choice = plan.candidates, plan.choice
+    except NoFitError as err:
+        if not force:
+            raise
+        candidates, choice = err.candidates, None
+    splits = [c for c in candidates if c.placement == "split" and (c.fits or force)]
+    if engine == "llama.cpp" or choice is None:
+        if not splits:
+            raise MoechatError(f"{card.name} fits no split over these workers")
+        choice = max(splits, key=lambda c: (c.fits, c.decode_tok_s))
+    opened = engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads)
+    if choice.placement != "split":
+        opened.placement += " (the plan keeps it here: faster than any split over the workers)"
+    return opened
+
+
 def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
     """The plan's choice on this machine's cached profile (or, before `moechat profile` has run,
     its facts with nominal speeds: a chat never waits for a benchmark). A model that fits nowhere is refused
@@ -172,6 +213,12 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
                                     threads, None, "auto", False)
     if candidate.engine != "llama.cpp":
         raise MoechatError(f"the {candidate.engine} engine is not available in this build yet")
+    if candidate.placement == "split":
+        from moechat.backends.engines.rpc_engine import RpcLlamaCppEngine
+
+        used = [(w, n) for w, n in zip(candidate.workers, candidate.split[1:]) if n > 0]
+        return RpcLlamaCppEngine(card, tuple(w for w, _ in used), tuple(n for _, n in used),
+                                 n_ctx=n_ctx or default_context(card), threads=threads)
     from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
 
     if candidate.placement == "moe":

@@ -33,7 +33,9 @@ def test_cpu_decode_is_bytes_over_measured_rate_plus_overheads(laptop):
     q4 = sum(cm.read_bytes_per_token(card, t) for t in card.tensors if t.type_name == "Q4_0")
     f32 = sum(cm.read_bytes_per_token(card, t) for t in card.tensors if t.type_name == "F32")
     expected = (q4 / (laptop.cpu_matvec_gbs["Q4_0"] * 1e9) + f32 / (laptop.cpu_matvec_gbs["F16"] * 1e9)
-                + cm.CPU_TOKEN_OVERHEAD_S + (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER) * laptop.cpu_op_s)
+                + cm.CPU_TOKEN_OVERHEAD_S + (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER) * laptop.cpu_op_s
+                # one fixed cost per selected expert and projection (8 of 64 experts, 3 projections, 16 layers)
+                + 16 * 8 * 3 * cm.EXPERT_PRODUCT_OPS * laptop.cpu_op_s)
     assert 1 / p.decode_tok_s == pytest.approx(expected, rel=1e-3)
     assert p.vram_bytes == 0
     assert p.ram_bytes > card.tensor_bytes
@@ -107,3 +109,27 @@ def test_cost_model_does_not_import_torch():
     code = ("import sys; import moechat.backends.plan.cost_model, moechat.backends.plan.planner; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_sliding_window_layers_read_only_their_window(rtx4090):
+    gpt_oss = geometry_card("gpt-oss-20b", qtype="Q4_0")  # 24 layers, every other one SWA (window 128)
+    assert (gpt_oss.sliding_window, gpt_oss.n_swa_layers) == (128, 12)
+    per_layer = gpt_oss.kv_bytes_per_token / gpt_oss.n_layers
+    assert cm.kv_read_bytes(gpt_oss, 32768) == per_layer * (12 * 32768 + 12 * 128)
+    assert cm.kv_read_bytes(gpt_oss, 100) == cm.kv_bytes(gpt_oss, 100)  # inside the window: all of it
+    assert cm.kv_bytes(gpt_oss, 32768) == gpt_oss.kv_bytes_per_token * 32768  # the cache stays full-size
+    qwen = geometry_card("qwen3-30b-a3b", qtype="Q4_K")  # no sliding window: every position is read
+    assert cm.kv_read_bytes(qwen, 32768) == cm.kv_bytes(qwen, 32768)
+    deep = cm.predict(gpt_oss, rtx4090, cm.Placement("gpu"), n_ctx=40000, n_past=32768)
+    assert deep.decode_terms["KV cache"] == pytest.approx(cm.kv_read_bytes(gpt_oss, 32768) / (rtx4090.gpus[0].mem_gbs * 1e9))
+
+
+
+def test_mxfp4_uses_its_own_measured_rate_else_q4_0s(laptop):
+    import dataclasses
+
+    assert "MXFP4" not in laptop.cpu_matvec_gbs  # a profile from before MXFP4 was probed
+    assert cm.cpu_rate_gbs(laptop, "MXFP4") == cm.cpu_rate_gbs(laptop, "Q4_0")
+    profiled = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "MXFP4": 9.5})
+    assert cm.cpu_rate_gbs(profiled, "MXFP4") == 9.5
+    assert cm.cpu_rate_gbs(profiled, "Q4_0") == laptop.cpu_matvec_gbs["Q4_0"]

@@ -38,10 +38,12 @@ def test_geometries_have_the_published_parameter_counts():
     import math
 
     published = {"mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9, "olmoe-1b-7b": 6.9e9, "gpt-oss-20b": 20.9e9,
-                 "deepseek-v2-lite": 15.7e9}
+                 "gpt-oss-120b": 116.8e9, "deepseek-v2-lite": 15.7e9, "qwen3-235b-a22b": 235.1e9, "deepseek-v3": 671e9}
+    # DeepSeek-V3's q goes through a 1536-wide LoRA; the geometry projects it directly (+1.2%)
+    tolerance = {"deepseek-v3": 0.015}
     assert set(published) == set(GEOMETRIES)
     for name, total in published.items():
         card = geometry_card(name, qtype="F16")
         params = sum(math.prod(t.shape) for t in card.tensors)
-        assert abs(params / total - 1) < 0.01, (name, params)
+        assert abs(params / total - 1) < tolerance.get(name, 0.01), (name, params)
         assert len(card.expert_layers) == GEOMETRIES[name].n_layers - GEOMETRIES[name].n_dense_layers

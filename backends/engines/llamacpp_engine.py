@@ -26,15 +26,18 @@ from moechat.backends.engines.prompt import ChatTokenizer
 from moechat.backends.plan.gpu_probes import gpu_offload_supported
 from moechat.backends.plan.threads import LoadMeter, StallWatch, default_threads
 
-PlacementKind = Literal["cpu", "gpu", "moe"]
+PlacementKind = Literal["cpu", "gpu", "moe", "split"]
 
 
 @dataclass(frozen=True, slots=True)
 class LlamaCppPlacement:
     kind: PlacementKind
     n_cpu_moe: int = 0  # with kind == "moe": layers whose experts stay in RAM
+    split: tuple[int, ...] = ()  # with kind == "split": layers on each RPC device, in order (rpc_engine.py)
 
     def describe(self, card: ModelCard) -> str:
+        if self.kind == "split":
+            return f"layers {card.n_layers - sum(self.split)} here + " + " + ".join(map(str, self.split)) + " on workers"
         if self.kind == "cpu":
             return "CPU only"
         if self.kind == "gpu":
@@ -44,6 +47,8 @@ class LlamaCppPlacement:
 
     @property
     def n_gpu_layers(self) -> int:
+        if self.kind == "split":  # llama.cpp offloads the last N layers (the output stays here)
+            return sum(self.split)
         return 0 if self.kind == "cpu" else -1
 
 
@@ -68,7 +73,7 @@ class LlamaCppEngine:
         self.card = card
         self.placement_spec = placement
         self.placement = placement.describe(card)
-        if placement.kind != "cpu" and not gpu_offload_supported():
+        if placement.kind not in ("cpu", "split") and not gpu_offload_supported():
             self.placement += " (this llama.cpp build has no GPU support: running on CPU)"
         self.n_ctx = n_ctx or min(card.context_length, 4096)
         self.auto_threads, self.ui = threads is None, ui  # auto: chosen and adapted to the load
@@ -83,6 +88,7 @@ class LlamaCppEngine:
                 self.llm = llama_cpp.Llama(
                     model_path=card.path,
                     n_gpu_layers=placement.n_gpu_layers,
+                    tensor_split=[float(n) for n in placement.split] or None,
                     n_ctx=self.n_ctx,
                     n_batch=min(512, self.n_ctx),
                     n_threads=threads,

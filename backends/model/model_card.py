@@ -77,6 +77,10 @@ class ModelCard:
     # 0 when absent, e.g. older deepseek2 files with an unsplit attn_kv_b (cached as MHA).
     head_dim_k_mla: int = 0
     head_dim_v_mla: int = 0
+    # sliding-window attention: the window, and how many layers use it (they still get a
+    # full-size cache, see kv_bytes_per_token, but attend to - and read - only the window)
+    sliding_window: int = 0
+    n_swa_layers: int = 0
 
     # ---- derived ---------------------------------------------------------------------
     @property
@@ -256,9 +260,19 @@ def card_from_headers(path: str, headers: list[GGUFHeader], file_sizes: list[int
         tensors=tensors,
         head_dim_k_mla=meta.int(f"{arch}.attention.key_length_mla", 0),
         head_dim_v_mla=meta.int(f"{arch}.attention.value_length_mla", 0),
+        sliding_window=(window := meta.int(f"{arch}.attention.sliding_window", 0)),
+        n_swa_layers=swa_layer_count(arch, meta.int(f"{arch}.block_count"), window),
     )
     _check_geometry(card)
     return card
+
+
+def swa_layer_count(arch: str, n_layers: int, window: int) -> int:
+    """Layers with sliding-window attention, by llama.cpp's per-architecture pattern
+    (gpt-oss: every other layer, `set_swa_pattern(2)`); 0 for architectures without one."""
+    if not window:
+        return 0
+    return (n_layers + 1) // 2 if arch == "gpt-oss" else 0
 
 
 # ---- validation ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ GPU_TOKEN_OVERHEAD_S = 1.0e-3  # graph build + launch + logits copy (estimate, G
 GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer (estimate)
 HANDOFF_S = 30e-6  # one GPU<->CPU activation hand-off (PCIe latency + sync), estimate
 TORCH_LAYER_OVERHEAD_S = 200e-6  # Python + torch dispatch per layer for the torch engines
+EXPERT_PRODUCT_OPS = 6  # fixed cost of one selected expert's product on the CPU, in ggml ops (fitted: runs s01, c01)
 CPU_PREFILL_EFFICIENCY = 0.6  # ggml quantized GEMM vs measured float32 BLAS rate (fitted)
 GPU_PREFILL_EFFICIENCY = 0.35  # achieved / peak fp16 matmul at batch 512 (estimate)
 HOBBIT_LOW_BITS = 2.0  # bits of a low-precision expert copy loaded on a miss (paper: INT2/INT4)
@@ -49,7 +50,7 @@ FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured
 
 # GGUF type -> the measured matvec type whose rate stands in for it (same kernel family).
 RATE_FAMILY = {
-    "Q4_0": "Q4_0", "Q4_1": "Q4_0", "Q5_0": "Q4_0", "Q5_1": "Q4_0", "IQ4_NL": "Q4_0", "MXFP4": "Q4_0",
+    "Q4_0": "Q4_0", "Q4_1": "Q4_0", "Q5_0": "Q4_0", "Q5_1": "Q4_0", "IQ4_NL": "Q4_0", "MXFP4": "MXFP4",
     "Q8_0": "Q8_0", "Q8_1": "Q8_0",
     "Q2_K": "Q4_K", "Q3_K": "Q4_K", "Q4_K": "Q4_K", "Q5_K": "Q4_K", "Q6_K": "Q4_K", "IQ4_XS": "Q4_K",
     "F16": "F16", "BF16": "F16", "F32": "F16",
@@ -103,6 +104,16 @@ def kv_bytes(card, n_ctx: int) -> int:
     return card.kv_bytes_per_token * n_ctx
 
 
+def kv_read_bytes(card, n_past: int) -> float:
+    """KV-cache bytes one decoded token reads at depth n_past: every position of a full
+    attention layer, but only the window of a sliding-window layer (gpt-oss: half its layers
+    attend to the last 128 positions) - the cache is full-size either way (kv_bytes)."""
+    per_layer = card.kv_bytes_per_token / max(1, card.n_layers)
+    swa = min(card.n_swa_layers, card.n_layers)
+    window = min(n_past, card.sliding_window) if card.sliding_window else n_past
+    return per_layer * ((card.n_layers - swa) * n_past + swa * window)
+
+
 def compute_buffer_bytes(card) -> int:
     """llama.cpp's compute buffer at a 512-token micro-batch: logits + the widest activation."""
     widest = max(card.ffn_size, card.expert_ffn_size * max(1, card.n_experts_used), card.hidden_size * 4)
@@ -147,7 +158,10 @@ def cpu_rate_gbs(profile, type_name: str) -> float:
     """CPU bytes/s for a weight of this type at batch 1: the measured ggml matvec rate of its
     kernel family, never above the measured RAM read bandwidth."""
     rates = profile.cpu_matvec_gbs or {}
-    rate = rates.get(RATE_FAMILY.get(type_name, "Q4_K")) or rates.get("Q4_0") or profile.ram_read_gbs
+    family = RATE_FAMILY.get(type_name, "Q4_K")
+    # MXFP4 (gpt-oss's experts) has its own kernel, measured by `moechat profile` since
+    # issue 20; profiles without it fall back to Q4_0's rate, as before
+    rate = rates.get(family) or rates.get("Q4_0") or profile.ram_read_gbs
     return min(rate, profile.ram_read_gbs) if profile.ram_read_gbs else rate
 
 
@@ -274,7 +288,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
             add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
     for gpu_s, cpu_s in fiddler_layers.values():
         add("experts GPU ‖ CPU (overlapped)", max(gpu_s, cpu_s))
-    add("KV cache", kv_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
+    add("KV cache", kv_read_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
     _add_overheads(card, profile, placement, add)
     decode_s = sum(terms.values())
     return Prediction(
@@ -291,15 +305,30 @@ def cpu_layer_overhead_s(profile) -> float:
     return OPS_PER_LAYER * profile.cpu_op_s
 
 
+def cpu_expert_matvec_s(card, profile, n_layers: int) -> float:
+    """Fixed cost of the expert products of n_layers layers run on the CPU at batch 1: ggml's
+    mul_mat_id runs one small product per selected expert and projection, each split over the
+    threads and ended by a barrier, so every one costs a fixed time besides its bytes. It
+    matters for many small experts (Qwen3-30B-A3B: 8 of 128 experts of 768 x 2048, 3
+    projections, 48 layers = 1152 products per token) and not for Mixtral's 2 large ones.
+    The cost is counted in the machine's measured per-op cost (`cpu_op_s`: dispatch + barrier),
+    EXPERT_PRODUCT_OPS of them per product (docs/cost-model.md, 'Expert products on the CPU')."""
+    first = (card.expert_layers or (0,))[0]
+    projections = len({t.name for t in card.tensors if t.is_expert and t.layer == first and t.name.endswith(".weight")})
+    return n_layers * card.n_experts_used * projections * EXPERT_PRODUCT_OPS * profile.cpu_op_s
+
+
 def _add_overheads(card, profile, placement: Placement, add) -> None:
     L, kind = card.n_layers, placement.kind
     if kind == "cpu":
         add("overheads", CPU_TOKEN_OVERHEAD_S + OPS_PER_TOKEN * profile.cpu_op_s + L * cpu_layer_overhead_s(profile))
+        add("expert products on the CPU (fixed cost)", cpu_expert_matvec_s(card, profile, len(card.expert_layers)))
         return
     add("overheads", GPU_TOKEN_OVERHEAD_S + L * GPU_LAYER_OVERHEAD_S)
     if kind == "moe":  # each CPU-expert layer: CPU ops + two activation hand-offs
         n = min(placement.n, len(card.expert_layers))
         add("overheads", n * (EXPERT_OPS_PER_LAYER * profile.cpu_op_s + 2 * HANDOFF_S))
+        add("expert products on the CPU (fixed cost)", cpu_expert_matvec_s(card, profile, n))
     elif kind == "layers":
         cpu_layers = max(0, L - placement.n)
         add("overheads", cpu_layers * cpu_layer_overhead_s(profile) + (HANDOFF_S if 0 < cpu_layers < L else 0))

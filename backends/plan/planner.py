@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moechat.backends.plan import cost_model as cm
+from moechat.backends.plan import error_bands
 from moechat.backends.errors import MoechatError
 
 GIB = 1024**3
 BUILT_ENGINES = ("llama.cpp",)  # engines this build can run; the others are predicted only
 OFFLOAD_AUTO = False  # whether "auto" may pick the Fiddler/HOBBIT engines (see _candidates)
-BUILT_LLAMA_PLACEMENTS = ("cpu", "gpu", "moe")  # LlamaCppPlacement kinds the engine accepts
+BUILT_LLAMA_PLACEMENTS = ("cpu", "gpu", "moe", "split")  # LlamaCppPlacement kinds the engine accepts
 
 
 @dataclass(frozen=True)
@@ -36,27 +37,37 @@ class Candidate:
     fits: bool
     available: bool
     note: str
+    # decode tok/s range from the error measured on published runs of this kind of placement
+    # (backends/plan/error_bands.py); None when no published run backs it
+    decode_range: tuple[float, float] | None = None
+    range_backed_by: str = ""
+    split: tuple[int, ...] = ()  # placement "split": layers here, then on each worker (plan/workers.py)
+    workers: tuple[str, ...] = ()  # placement "split": the workers' endpoints, in split order
     correction: object = None  # run_log.Correction applied to the cost model's figures, if any
     cost_model_decode_tok_s: float = 0.0  # before the correction (= decode_tok_s without one)
     cost_model_prefill_tok_s: float = 0.0
 
     def to_dict(self) -> dict:
-        out = {
+        d = {
             "engine": self.engine, "placement": self.placement, "n_cpu_moe": self.n_cpu_moe,
             "prefill_tok_s": round(self.prefill_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
             "ram_bytes": self.ram_bytes, "vram_bytes": self.vram_bytes,
             "fits": self.fits, "available": self.available, "note": self.note,
+            "decode_tok_s_range": [round(x, 2) for x in self.decode_range] if self.decode_range else None,
+            "decode_range_backed_by": self.range_backed_by,
         }
+        if self.split:
+            d.update(layers_here=self.split[0], tensor_split=list(self.split[1:]), workers=list(self.workers))
         if self.correction is not None:
             c = self.correction
-            out["correction"] = {
+            d["correction"] = {
                 "decode_factor": round(c.decode, 3), "prefill_factor": round(c.prefill, 3),
                 "runs": c.runs, "cost_model_decode_tok_s": round(self.cost_model_decode_tok_s, 2),
                 "cost_model_prefill_tok_s": round(self.cost_model_prefill_tok_s, 2),
                 "last_measured_decode_tok_s": round(c.last.measured_decode, 2),
                 "last_measured_prefill_tok_s": round(c.last.measured_prefill, 2),
             }
-        return out
+        return d
 
 
 @dataclass(frozen=True)
@@ -78,11 +89,17 @@ class NoFitError(MoechatError):
         self.candidates = candidates
 
 
-def make_plan(card, profile, n_ctx: int | None = None, routing=None, corrections=None) -> Plan:
-    """Predict every candidate for `card` on `profile` and choose; NoFitError if none fits.
+def make_plan(card, profile, n_ctx: int | None = None, routing=None, workers=(), corrections=None) -> Plan:
+    """Predict every candidate for `card` on `profile` (and, with `workers` — WorkerProfiles
+    of `moechat worker`s — every layer split across them) and choose; NoFitError if none fits.
     corrections: {run_log.placement_key: Correction} from this model's measured runs."""
     n_ctx = n_ctx or min(card.context_length, 4096)
-    candidates = tuple(_corrected(c, corrections) for c in _candidates(card, profile, n_ctx, routing))
+    candidates = tuple(_candidates(card, profile, n_ctx, routing))
+    if workers:
+        from moechat.backends.plan.workers import split_candidates
+
+        candidates += tuple(split_candidates(card, profile, workers, n_ctx))
+    candidates = tuple(_corrected(c, corrections) for c in candidates)
     usable = [c for c in candidates if c.fits and c.available]
     if not usable:
         raise NoFitError(_refusal(card, profile, n_ctx, candidates), candidates)
@@ -195,6 +212,8 @@ def _candidate(card, profile, engine, placement, n_ctx, routing, available, note
         name = "GPU expert cache"
     available = available and (engine in BUILT_ENGINES or engine in ("fiddler", "hobbit")) and (
         engine != "llama.cpp" or placement.kind in BUILT_LLAMA_PLACEMENTS)
+    band = error_bands.band_for(placement.kind, bool(profile.gpus and profile.gpus[0].unified))
+    decode_range = band.around(p.decode_tok_s) if band and p.decode_tok_s else None
     return Candidate(
         engine=engine,
         placement=name,
@@ -206,6 +225,8 @@ def _candidate(card, profile, engine, placement, n_ctx, routing, available, note
         fits=fits,
         available=available,
         note=note,
+        decode_range=decode_range,
+        range_backed_by=band.note if decode_range else "",
     )
 
 
@@ -243,10 +264,21 @@ def _reason(card, profile, choice: Candidate, candidates) -> str:
         return (f"{_gib(card.tensor_bytes)} of weights do not fit in {_gib(cm.gpu_capacity_bytes(profile))} "
                 f"of VRAM: attention and the experts of {layers - n} layers on the GPU, the experts of "
                 f"the first {n} layer{'s' if n != 1 else ''} in RAM (the fewest that fit; predicted {choice.decode_tok_s:.1f} tok/s{gain})")
+    if choice.placement == "split":
+        here = next((c for c in candidates if c.placement == "cpu" and c.fits), None)
+        why = (f"predicted faster than here alone ({here.decode_tok_s:.1f} tok/s)" if here else
+               f"{_gib(card.tensor_bytes)} of weights do not fit in this machine's {_gib(cm.ram_capacity_bytes(profile))}")
+        return (f"{why}: {choice.split[0]} layers here, " + ", ".join(
+            f"{n} on {w}" for n, w in zip(choice.split[1:], choice.workers)) + f" (predicted {choice.decode_tok_s:.1f} tok/s)")
     return f"{choice.engine} {choice.placement} is predicted fastest ({choice.decode_tok_s:.1f} tok/s{gain})"
 
 
 def _refusal(card, profile, n_ctx, candidates) -> str:
+    splits = [c for c in candidates if c.placement == "split"]
+    if splits:
+        return (f"{card.name} does not fit: {_gib(card.tensor_bytes)} of weights at context {n_ctx}, more "
+                f"than this machine ({_gib(cm.ram_capacity_bytes(profile))}) and its "
+                f"{len(splits[0].workers)} worker(s) can hold together (add a worker, or try a smaller quantization)")
     need = min(c.ram_bytes + c.vram_bytes for c in candidates)
     have_ram = cm.ram_capacity_bytes(profile)
     have_vram = cm.gpu_capacity_bytes(profile) if profile.has_gpu and not profile.gpus[0].unified else 0

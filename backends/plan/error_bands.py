@@ -1,0 +1,65 @@
+"""How far the cost model's decode predictions fall from published measurements, per placement.
+
+`plan` shows a range for each candidate: the prediction times the spread of measured /
+predicted found for that kind of placement on the table of published runs
+(tests/fixtures/external_runs/, benchmarks/plan_vs_world.py, docs/benchmarks.md), and says
+which runs back it. The bands are data, copied from `plan_vs_world.py --bands`;
+tests/test_world_runs.py recomputes them from the table and fails if they drift.
+
+No library does this: it is a lookup of our own measured error, by our own placement kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorBand:
+    low: float  # measured / predicted, 10th percentile of the group's runs
+    high: float  # 90th percentile
+    runs: tuple[str, ...]  # ids in tests/fixtures/external_runs/runs.csv
+
+    def around(self, predicted: float) -> tuple[float, float]:
+        return predicted * self.low, predicted * self.high
+
+    @property
+    def note(self) -> str:
+        return f"{len(self.runs)} published runs ({self.runs[0]}..{self.runs[-1]})"
+
+
+# group -> band; regenerate with `benchmarks/plan_vs_world.py --bands`
+BANDS: dict[str, ErrorBand] = {
+    "cpu": ErrorBand(0.91, 1.64, ("c01", "c02", "c03", "c04")),
+    "gpu": ErrorBand(0.61, 1.13, ("g01", "g02", "g03", "g04", "g05", "g06", "g07")),
+    "split": ErrorBand(0.65, 1.04, ("s01", "s02", "s03", "s04", "s05")),
+    "unified": ErrorBand(0.65, 1.04, ("u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08", "u09", "u10",
+                                      "u11", "u12", "u13")),
+}
+
+
+def band_of_ratios(ratios: list[float]) -> tuple[float, float]:
+    """(10th, 90th) percentile of measured/predicted ratios (inclusive method: with few runs
+    the band reaches towards the extremes rather than past them)."""
+    import statistics
+
+    if len(ratios) == 1:
+        return ratios[0], ratios[0]
+    q = statistics.quantiles(sorted(ratios), n=10, method="inclusive")
+    return round(q[0], 2), round(q[-1], 2)
+
+
+def group_of(placement_kind: str, unified: bool) -> str | None:
+    """Which table group backs a candidate's placement (None: no published runs of that kind)."""
+    if placement_kind == "cpu":
+        return "cpu"
+    if placement_kind == "gpu":
+        return "unified" if unified else "gpu"
+    if placement_kind in ("moe", "layers"):
+        return "split"
+    return None
+
+
+def band_for(placement_kind: str, unified: bool) -> ErrorBand | None:
+    group = group_of(placement_kind, unified)
+    return BANDS.get(group) if group else None

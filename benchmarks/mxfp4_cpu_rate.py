@@ -1,0 +1,50 @@
+"""CPU matvec rate of MXFP4 (gpt-oss's expert type) against the types ggml repacks, per thread.
+
+    .venv/bin/python benchmarks/mxfp4_cpu_rate.py [--rounds 6] [--threads 1] [--mib N]
+
+ggml's mul_mat at batch 1 through kernels/ggml.py (the ggml llama.cpp loads), on a 4096-wide
+weight of 4 x LLC (or --mib), each type in the layout llama.cpp's CPU backend uses (Q4_0 and Q4_K
+repacked, Q8_0 and MXFP4 plain: ggml has no repacked MXFP4 kernel on x86). Rounds alternate
+the types; the best round per type is kept (STREAM's rule: the machine is shared). The
+MXFP4 rate per thread is what backends/plan/cost_model.py assumes for MXFP4 experts on the
+CPU when a profile has not measured MXFP4 (MXFP4_CPU_GBS_PER_THREAD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TYPES = {"Q4_0": (32, 18), "Q4_K": (256, 144), "Q8_0": (32, 34), "MXFP4": (32, 17)}  # block, bytes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mib", type=int, help="weight size (default: 4 x the last-level cache)")
+    args = ap.parse_args()
+
+    from moechat.backends.plan import cpu_probes
+    from moechat.kernels import ggml
+
+    cpu_probes.MATVEC_QTYPES = tuple(TYPES)  # this script's own run of the profile's probe
+    cpu_probes._QUANT_SIZES.update(TYPES)
+    target = (args.mib << 20) if args.mib else cpu_probes._stream_bytes(cpu_probes.cpu_facts().llc_bytes)
+    best: dict[str, float] = {}
+    for r in range(args.rounds):
+        rates = cpu_probes._ggml_matvec_gbs(ggml, target, 4096, args.threads, 1.0 * len(TYPES), "best")
+        best = {q: max(best.get(q, 0.0), v) for q, v in rates.items()}
+        print(f"round {r + 1}: " + ", ".join(f"{q} {v:.2f}" for q, v in rates.items()), file=sys.stderr)
+    print(f"| type | best GB/s at {args.threads} thread(s) | per thread | vs repacked Q4_0 |")
+    print("| --- | --- | --- | --- |")
+    for q, v in best.items():
+        print(f"| {q} | {v:.2f} | {v / args.threads:.2f} | {v / best['Q4_0']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

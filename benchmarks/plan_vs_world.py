@@ -1,0 +1,93 @@
+"""The planner against the world: predicted vs published decode speed on machines we do not have.
+
+    .venv/bin/python benchmarks/plan_vs_world.py [--markdown] [--bands]
+
+For every run in tests/fixtures/external_runs/runs.csv (published llama.cpp measurements,
+each with its URL and date), the cost model predicts exactly that run's placement on that
+machine's spec-sheet profile (tests/fixtures/external_runs/profiles/) at the run's depth,
+and the ratio predicted / measured is printed. Summaries per placement group (CPU only,
+all on GPU, `--n-cpu-moe` split, unified memory) are given separately for the fit rows and
+the hold-out rows (every third row of a group, fixed before any model change; nothing is
+fitted on them). `--bands` prints the measured/predicted ranges per group that
+backends/plan/error_bands.py holds (tests/test_world_runs.py checks they agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moechat.backends.plan import cost_model as cm  # noqa: E402
+from moechat.backends.plan.error_bands import band_of_ratios  # noqa: E402
+from tests.fixtures.world_runs import GROUPS, load_runs, plan_inputs  # noqa: E402
+
+
+def predict_run(run) -> cm.Prediction:
+    card, profile, placement = plan_inputs(run)
+    n_ctx = max(4096, run.n_past + 512)
+    return cm.predict(card, profile, placement, n_ctx=n_ctx, n_past=run.n_past)
+
+
+def rows():
+    for run in load_runs():
+        p = predict_run(run)
+        yield run, p, p.decode_tok_s / run.decode_tok_s
+
+
+def summary(results, holdout: bool):
+    out = []
+    for group in GROUPS:
+        ratios = [r for run, _, r in results if run.group == group and run.holdout == holdout]
+        if ratios:
+            errs = [abs(r - 1) for r in ratios]
+            out.append((group, len(ratios), statistics.median(errs), statistics.median(ratios),
+                        min(ratios), max(ratios)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    ap.add_argument("--bands", action="store_true", help="print the error bands per placement group")
+    args = ap.parse_args()
+    results = list(rows())
+
+    def line(cells):
+        return (f"| {' | '.join(cells)} |" if args.markdown else "  ".join(cells))
+
+    head = ["run", "group", "hold-out", "machine", "model", "placement", "depth", "predicted", "measured", "pred/meas",
+            "prefill pred/meas"]
+    print(line(head))
+    if args.markdown:
+        print(line(["---"] * len(head)))
+    for run, p, r in results:
+        place = run.placement if run.placement != "moe" else f"n-cpu-moe {run.n_cpu_moe}"
+        prefill = f"{p.prefill_tok_s / run.prefill_tok_s:.2f} ({run.prefill_test})" if run.prefill_tok_s else ""
+        print(line([run.id, run.group, "yes" if run.holdout else "", run.machine, f"{run.model} {run.quant}", place,
+                    str(run.n_past), f"{p.decode_tok_s:.1f}", f"{run.decode_tok_s:g}", f"{r:.2f}", prefill]))
+    for holdout in (False, True):
+        print()
+        print(("hold-out runs (never fitted on)" if holdout else "fit runs") + ":")
+        head = ["group", "runs", "median abs(pred/meas - 1)", "median pred/meas", "min", "max"]
+        print(line(head))
+        if args.markdown:
+            print(line(["---"] * len(head)))
+        for group, n, err, med, lo, hi in summary(results, holdout):
+            print(line([group, str(n), f"{err * 100:.0f}%", f"{med:.2f}", f"{lo:.2f}", f"{hi:.2f}"]))
+    if args.bands:
+        print()
+        print("error bands (measured / predicted, all runs of the group):")
+        for group in GROUPS:
+            group_runs = [(run, r) for run, _, r in results if run.group == group]
+            lo, hi = band_of_ratios([1 / r for _, r in group_runs])
+            print(f"  {group}: ({lo:.2f}, {hi:.2f}) from {len(group_runs)} runs: "
+                  + ",".join(run.id for run, _ in group_runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The table of published runs (tests/fixtures/external_runs/) and the ranges `plan` shows from it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.plan_vs_world import predict_run  # noqa: E402
+from moechat.backends.plan import error_bands  # noqa: E402
+from moechat.backends.plan.hardware_profile import read_profile  # noqa: E402
+from moechat.backends.plan.planner import make_plan  # noqa: E402
+from tests.fixtures.random_geometry import geometry_card  # noqa: E402
+from tests.fixtures.world_runs import GROUPS, PROFILES, RUNS_CSV, load_runs, run_card  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_table_parses_with_enough_runs_machines_groups_and_families():
+    with open(RUNS_CSV, newline="") as f:
+        raw = list(csv.DictReader(f))
+    runs = load_runs()
+    assert len(runs) == len(raw) >= 25
+    assert len({r.id for r in runs}) == len(runs)
+    assert len({r.machine for r in runs}) >= 10
+    assert {r.group for r in runs} == set(GROUPS)
+    assert {r.placement for r in runs if r.group == "split"} == {"moe"}
+    families = {r.model.split("-")[0] for r in runs}
+    assert {"qwen3", "gpt"} <= families and families & {"mixtral", "deepseek"}
+    for r in runs:
+        assert r.decode_tok_s > 0 and (r.prefill_tok_s is None or r.prefill_tok_s > 0), r.id
+        assert r.group != "split" or r.n_cpu_moe, r.id
+
+
+def test_every_run_has_a_source_and_peer_claims_are_marked():
+    for r in load_runs():
+        assert r.url.startswith(("https://", "http://")), r.id
+        assert r.date and r.who, r.id
+        assert r.kind in ("project", "independent", "peer"), r.id
+    peers = [r for r in load_runs() if "llmfit" in r.url]
+    assert peers and all(r.kind == "peer" for r in peers)
+
+
+def test_every_machine_has_a_profile_with_sources():
+    for machine in {r.machine for r in load_runs()}:
+        p = read_profile(PROFILES / f"{machine}.json")
+        assert p.sources and p.machine, machine
+    unified = {r.machine for r in load_runs() if r.group == "unified"}
+    assert all(read_profile(PROFILES / f"{m}.json").gpus[0].unified for m in unified)
+
+
+def test_holdout_is_every_third_run_of_each_group():
+    position = {}
+    for r in load_runs():
+        i = position.get(r.group, 0)
+        position[r.group] = i + 1
+        assert r.holdout == (i % 3 == 1), r.id
+
+
+def test_cards_have_the_published_file_size():
+    for r in load_runs():
+        if r.model_gib:
+            assert abs(run_card(r).tensor_bytes / 2**30 - r.model_gib) < 0.01, r.id
+
+
+def test_error_bands_agree_with_the_table():
+    ratios = {g: [] for g in GROUPS}
+    for r in load_runs():
+        ratios[r.group].append(r.decode_tok_s / predict_run(r).decode_tok_s)
+    for group in GROUPS:
+        band = error_bands.BANDS[group]
+        lo, hi = error_bands.band_of_ratios(ratios[group])
+        assert (band.low, band.high) == (lo, hi), f"{group}: rerun benchmarks/plan_vs_world.py --bands"
+        assert band.runs == tuple(r.id for r in load_runs() if r.group == group)
+
+
+def test_plan_table_and_json_show_a_range_per_candidate(tmp_path):
+    profile = PROFILES / "10900x-rtx2080.json"
+    plan = make_plan(geometry_card("qwen3-30b-a3b", qtype="Q4_K"), read_profile(profile))
+    llama = [c for c in plan.candidates if c.engine == "llama.cpp" and c.decode_tok_s]
+    assert llama and all(c.decode_range and c.decode_range[0] < c.decode_tok_s * 1.05 for c in llama)
+    assert all(c.range_backed_by.startswith("5 published runs") for c in llama if c.placement == "moe")
+
+    from moechat.app.plan_cmd import render_table
+
+    table = render_table(plan.candidates, plan.choice)
+    head, *lines = table.splitlines()
+    assert "decode range" in head
+    moe = next(c for c in plan.candidates if c.placement == "moe")
+    assert f"{moe.decode_range[0]:.1f}-{moe.decode_range[1]:.1f}" in table
+    assert "--n-cpu-moe: 5 published runs (s01..s05)" in table
+    assert "fiddler: no published runs of this kind: no range" in table  # said, not left blank
+
+    out = subprocess.run([sys.executable, "-m", "moechat.app.cli", "plan", str(REPO / "tests/fixtures/external_runs"
+                          / "missing.gguf"), "--profile", str(profile), "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # bad model: one line, exit 2
+    entry = plan.to_dict()["candidates"][0]
+    assert entry["decode_tok_s_range"] and entry["decode_range_backed_by"]
+    assert json.loads(json.dumps(plan.to_dict()))["choice"]["decode_tok_s"] == round(plan.choice.decode_tok_s, 2)
+
+
+def test_calibrated_gpu_bandwidths_come_from_the_dense_runs():
+    from tests.fixtures.world_runs import dense_bandwidth
+
+    calibrated = 0
+    for path in PROFILES.glob("*.json"):
+        p = read_profile(path)
+        implied = dense_bandwidth(path.stem)
+        if implied:
+            calibrated += 1
+            assert p.gpus[0].mem_gbs == round(implied[0]), path.stem
+            assert "dense llama-bench runs" in p.sources["gpus[0].mem_gbs"]
+            assert implied[0] < p.gpus[0].mem_gbs * 1.01 and 0 < implied[1] < 5e-3
+    assert calibrated == 8
