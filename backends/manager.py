@@ -101,7 +101,10 @@ def open_engine(
     if engine == "auto" and n_cpu_moe is None:
         choice = planned_choice(card, n_ctx, force=force)
         if choice is not None:
-            return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads, ui=ui)
+            opened = engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads, ui=ui)
+            if choice.decode_tok_s > 0 and hasattr(opened, "expected_token_s"):
+                opened.expected_token_s = 1.0 / choice.decode_tok_s  # a stall is far above this
+            return opened
     if engine in ("auto", "llama.cpp"):
         from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
         from moechat.backends.plan.gpu_probes import gpu_offload_supported

@@ -81,6 +81,7 @@ class LlamaCppEngine:
         threads = threads or default_threads(ui=ui, meter=self._load)
         self.threads = threads
         self.thread_steps_down = 0  # in the last reply, because it stalled
+        self.expected_token_s = 0.0  # the plan's seconds per decoded token, when it chose this
         log = install_log(echo=verbose)
         patterns = cpu_moe_patterns(placement.n_cpu_moe) if placement.kind == "moe" else []
         try:
@@ -122,7 +123,7 @@ class LlamaCppEngine:
         if self.auto_threads:  # the load may have changed since the last reply
             self._set_threads(default_threads(ui=self.ui, meter=self._load))
         self.thread_steps_down = 0
-        watch = StallWatch()
+        watch = StallWatch(expected_s=self.expected_token_s)
         self.llm.set_seed(sampling.seed)
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
         text_stream = self.tokenizer.text_stream()
