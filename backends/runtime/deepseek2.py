@@ -23,13 +23,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moechat.backends.errors import MoechatError
 from moechat.backends.runtime import llama
+from moechat.backends.runtime.gguf_weights import RawTensor
 from moechat.backends.runtime.gating import GATING_SOFTMAX, route_grouped
 from moechat.backends.runtime.layers import Linear, Rope, normed_linears, rms_norm, swiglu
 from moechat.backends.runtime.mla import LatentCache, latent_attention
+from moechat.kernels.ggml import CpuBackend
+from moechat.kernels.ggml_heads import HeadwiseLinear
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,22 @@ class MLAArgs:
         )
 
 
+class HeadProjection:
+    """y[t, h] = W[h] @ x[t, h] for a stacked GGUF weight W [H, N, D] (torch order): ggml's
+    batched product on the quantized bytes on the CPU (kernels/ggml_heads.py), the weight
+    dequantized once into `dtype` otherwise."""
+
+    def __init__(self, weight: RawTensor, device: str, dtype: torch.dtype, cpu: CpuBackend | None):
+        self.ggml = HeadwiseLinear(weight.quant_weight(), cpu) if cpu is not None else None
+        self.w = None if cpu is not None else weight.to_torch(dtype, device)  # [H, N, D]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [T, H, N]
+        if self.ggml is not None:
+            y = self.ggml(np.ascontiguousarray(x.transpose(0, 1).numpy()))  # [H, T, N]
+            return torch.from_numpy(y).transpose(0, 1)
+        return torch.einsum("thd,hnd->thn", x.to(self.w.dtype), self.w).float()
+
+
 @dataclass
 class MLALayer:
     attn_norm: torch.Tensor  # [D]
@@ -73,8 +93,8 @@ class MLALayer:
     wq_b: Linear | None  # q_lora_rank -> H*(Dn+Dr)
     wkv_a: Linear  # D -> R + Dr
     kv_a_norm: torch.Tensor  # [R]
-    k_b: torch.Tensor  # [H, R, Dn]: absorbs q_nope into the latent space
-    v_b: torch.Tensor  # [H, Dv, R]: decompresses each head's attention output
+    k_b: HeadProjection  # [H, R, Dn]: absorbs q_nope into the latent space
+    v_b: HeadProjection  # [H, Dv, R]: decompresses each head's attention output
     wo: Linear  # H*Dv -> D
     ffn_norm: torch.Tensor  # [D]
     router: Linear | None  # D -> E (MoE layers)
@@ -114,8 +134,8 @@ class Model(llama.Model):
             wq_b=None if lite else self.linear(p + "attn_q_b.weight"),
             wkv_a=self.linear(p + "attn_kv_a_mqa.weight"),
             kv_a_norm=self.tensor(p + "attn_kv_a_norm.weight"),
-            k_b=self.tensor(p + "attn_k_b.weight"),  # [H, R, Dn]
-            v_b=self.tensor(p + "attn_v_b.weight"),  # [H, Dv, R]
+            k_b=self.heads(p + "attn_k_b.weight"),  # [H, R, Dn]
+            v_b=self.heads(p + "attn_v_b.weight"),  # [H, Dv, R]
             wo=self.linear(p + "attn_output.weight"),
             ffn_norm=self.tensor(p + "ffn_norm.weight"),
             router=self.linear(p + "ffn_gate_inp.weight") if moe else None,
@@ -123,6 +143,9 @@ class Model(llama.Model):
             extra=self.load_extra(i) if moe else {},
             eps=self.args.norm_eps,
         )
+
+    def heads(self, name: str) -> HeadProjection:
+        return HeadProjection(self.weights.raw(name), self.device, self.dtype, self.cpu)
 
     def load_extra(self, i: int) -> dict:
         p = f"blk.{i}."
@@ -141,11 +164,11 @@ class Model(llama.Model):
         pe = self.rope(pe.contiguous(), start)
         q_pe, k_pe = pe[:, : a.n_heads], pe[:, a.n_heads :]  # [T, H, Dr], [T, 1, Dr]
         q_nope = q[:, :, : m.nope_dim]  # [T, H, Dn]
-        q_latent = torch.einsum("thn,hrn->thr", q_nope.to(layer.k_b.dtype), layer.k_b).float()  # [T, H, R]
+        q_latent = layer.k_b(q_nope)  # [T, H, R]
         queries = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, R+Dr]
         k_all, v_all = cache.update(i, start, torch.cat([latent[:, None], k_pe], dim=-1))  # [1, S, R+Dr], [1, S, R]
         out = latent_attention(queries, k_all, v_all, start, a.attn_scale)  # [T, H, R]
-        out = torch.einsum("thr,hvr->thv", out.to(layer.v_b.dtype), layer.v_b).float()  # [T, H, Dv]
+        out = layer.v_b(out)  # [T, H, Dv]
         return out.reshape(t, a.n_heads * m.v_dim)
 
     def feed_forward(self, i, layer, x, reads_x):
