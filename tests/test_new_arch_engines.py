@@ -59,3 +59,25 @@ def test_mla_cache_holds_only_the_latent_as_the_card_says(arch):
     assert cache_bytes == 64 * card.kv_bytes_per_token
     # f16 latent (kv_lora_rank) + shared rope key per layer: 6x less than per-head K and V here
     assert card.kv_bytes_per_token == spec.n_layers * (spec.kv_lora_rank + spec.rope_dim) * 2
+
+
+@pytest.mark.parametrize("expert_type", ["F32", "Q8_0"])
+def test_unsplit_kv_b_file_runs_as_multi_head_attention_like_llamacpp(tmp_path, expert_type):
+    """Older deepseek2 GGUFs (attn_kv_b unsplit, no *_mla keys): llama.cpp attends with
+    per-head K and V and caches them; so does the runtime, with the same numbers."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from moechat.backends.model.model_card import read_model_card
+    from tests.fixtures.tiny_models import build_tiny_model, spec_for
+    from tests.test_runtime_parity import TINY_TOLERANCE, check_agreement, llama_logits, torch_logits
+
+    spec = replace(spec_for("deepseek2", expert_type), mla_split=False, n_kv_heads=4)
+    path = build_tiny_model("deepseek2", tmp_path / "ds2-legacy.gguf", expert_type, spec=spec)
+    tokens = [1] + [int(t) for t in np.random.default_rng(0).integers(2, 49152, 63)]
+    got, model = torch_logits(path, tokens)
+    assert not model.mla.absorbed
+    check_agreement(got, llama_logits(path, tokens), TINY_TOLERANCE[expert_type], require_clear=False)
+    cache = model.new_cache(8)
+    assert (cache.k.numel() + cache.v.numel()) * 2 == 8 * read_model_card(path).kv_bytes_per_token

@@ -1,6 +1,8 @@
 """deepseek2 (DeepSeek-V2, V2-Lite, V3-style files): multi-head latent attention over a
 compressed KV cache (mla.py), leading dense layers, shared experts, and DeepSeek's gating
-(gating.py) — mirroring llama.cpp's src/models/deepseek2.cpp graph, MLA absorbed.
+(gating.py) — mirroring llama.cpp's src/models/deepseek2.cpp graph: absorbed MLA for files
+with the split attn_k_b/attn_v_b (what the converter writes today), plain multi-head attention
+with per-head K/V decompressed by attn_kv_b for older files, each cached as llama.cpp does.
 
 Per layer:  n  = rms(x) * attn_norm
             q  = Wq_b·(rms(Wq_a·n) * q_a_norm)          (V2-Lite: q = Wq·n)   [T, H, Dn+Dr]
@@ -26,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moechat.backends.errors import MoechatError
 from moechat.backends.runtime import llama
 from moechat.backends.runtime.gguf_weights import RawTensor
 from moechat.backends.runtime.gating import GATING_SOFTMAX, route_grouped
@@ -48,23 +49,25 @@ class MLAArgs:
     gating: int  # 1 softmax, 2 sigmoid
     n_groups: int  # expert groups (0/1: no group-limited top-k)
     n_groups_used: int
+    absorbed: bool  # MLA over the latent (split attn_k_b/attn_v_b, *_mla keys: llama.cpp's
+    #                 is_mla); False: older files, unsplit attn_kv_b, plain multi-head attention
 
     @classmethod
     def from_metadata(cls, meta: dict, head_dim: int) -> MLAArgs:
-        a, name = "deepseek2", meta.get("general.name", "deepseek2")
-        if f"{a}.attention.value_length_mla" not in meta:
-            raise MoechatError(f"{name}: deepseek2 files with an unsplit attn_kv_b (no *_mla keys) "
-                               "are not supported by the torch runtime yet; use --engine llama.cpp")
+        a = "deepseek2"
+        absorbed = f"{a}.attention.value_length_mla" in meta and f"{a}.attention.key_length_mla" in meta
         rope = int(meta[f"{a}.rope.dimension_count"])
+        v_key = "attention.value_length_mla" if absorbed else "attention.value_length"
         return cls(
             kv_lora_rank=int(meta[f"{a}.attention.kv_lora_rank"]),
             rope_dim=rope,
             nope_dim=head_dim - rope,
-            v_dim=int(meta[f"{a}.attention.value_length_mla"]),
+            v_dim=int(meta[f"{a}.{v_key}"]),
             n_dense_lead=int(meta.get(f"{a}.leading_dense_block_count", 0)),
             gating=int(meta.get(f"{a}.expert_gating_func", 0) or GATING_SOFTMAX),
             n_groups=int(meta.get(f"{a}.expert_group_count", 0)),
             n_groups_used=int(meta.get(f"{a}.expert_group_used_count", 0)),
+            absorbed=absorbed,
         )
 
 
@@ -93,8 +96,9 @@ class MLALayer:
     wq_b: Linear | None  # q_lora_rank -> H*(Dn+Dr)
     wkv_a: Linear  # D -> R + Dr
     kv_a_norm: torch.Tensor  # [R]
-    k_b: HeadProjection  # [H, R, Dn]: absorbs q_nope into the latent space
-    v_b: HeadProjection  # [H, Dv, R]: decompresses each head's attention output
+    k_b: HeadProjection | None  # [H, R, Dn]: absorbs q_nope into the latent space
+    v_b: HeadProjection | None  # [H, Dv, R]: decompresses each head's attention output
+    kv_b: Linear | None  # R -> H*(Dn+Dv): the unsplit form (older files, not absorbed)
     wo: Linear  # H*Dv -> D
     ffn_norm: torch.Tensor  # [D]
     router: Linear | None  # D -> E (MoE layers)
@@ -134,8 +138,9 @@ class Model(llama.Model):
             wq_b=None if lite else self.linear(p + "attn_q_b.weight"),
             wkv_a=self.linear(p + "attn_kv_a_mqa.weight"),
             kv_a_norm=self.tensor(p + "attn_kv_a_norm.weight"),
-            k_b=self.heads(p + "attn_k_b.weight"),  # [H, R, Dn]
-            v_b=self.heads(p + "attn_v_b.weight"),  # [H, Dv, R]
+            k_b=self.heads(p + "attn_k_b.weight") if self.mla.absorbed else None,  # [H, R, Dn]
+            v_b=self.heads(p + "attn_v_b.weight") if self.mla.absorbed else None,  # [H, Dv, R]
+            kv_b=None if self.mla.absorbed else self.linear(p + "attn_kv_b.weight"),
             wo=self.linear(p + "attn_output.weight"),
             ffn_norm=self.tensor(p + "ffn_norm.weight"),
             router=self.linear(p + "ffn_gate_inp.weight") if moe else None,
@@ -164,11 +169,16 @@ class Model(llama.Model):
         pe = self.rope(pe.contiguous(), start)
         q_pe, k_pe = pe[:, : a.n_heads], pe[:, a.n_heads :]  # [T, H, Dr], [T, 1, Dr]
         q_nope = q[:, :, : m.nope_dim]  # [T, H, Dn]
-        q_latent = layer.k_b(q_nope)  # [T, H, R]
-        queries = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, R+Dr]
-        k_all, v_all = cache.update(i, start, torch.cat([latent[:, None], k_pe], dim=-1))  # [1, S, R+Dr], [1, S, R]
-        out = latent_attention(queries, k_all, v_all, start, a.attn_scale)  # [T, H, R]
-        out = layer.v_b(out)  # [T, H, Dv]
+        if m.absorbed:  # MQA over the latent: Q = [q_nope·W_kb, q_pe], K = [c, k_pe], V = c
+            queries = torch.cat([layer.k_b(q_nope), q_pe], dim=-1)  # [T, H, R+Dr]
+            k_all, v_all = cache.update(i, start, torch.cat([latent[:, None], k_pe], dim=-1))  # [1, S, R+Dr], [1, S, R]
+            out = latent_attention(queries, k_all, v_all, start, a.attn_scale)  # [T, H, R]
+            out = layer.v_b(out)  # [T, H, Dv]
+        else:  # per-head K and V decompressed from the latent, cached as multi-head attention
+            kv = layer.kv_b(latent).view(t, a.n_heads, m.nope_dim + m.v_dim)  # [T, H, Dn+Dv]
+            keys = torch.cat([kv[..., : m.nope_dim], k_pe.expand(t, a.n_heads, m.rope_dim)], dim=-1)  # [T, H, Dn+Dr]
+            k_all, v_all = cache.update(i, start, keys, kv[..., m.nope_dim :])  # [H, S, Dn+Dr], [H, S, Dv]
+            out = latent_attention(torch.cat([q_nope, q_pe], dim=-1), k_all, v_all, start, a.attn_scale)
         return out.reshape(t, a.n_heads * m.v_dim)
 
     def feed_forward(self, i, layer, x, reads_x):
@@ -186,6 +196,9 @@ class Model(llama.Model):
         return self.expert_backend.moe_forward(i, x, expert_ids, gate_weights)  # [T, D]
 
     def new_cache(self, max_tokens: int, dtype: torch.dtype = torch.float16) -> LatentCache:
-        m = self.mla
-        return LatentCache(self.args.n_layers, m.kv_lora_rank + m.rope_dim, m.kv_lora_rank, max_tokens,
-                           dtype, self.device)
+        a, m = self.args, self.mla
+        if m.absorbed:
+            return LatentCache(a.n_layers, 1, m.kv_lora_rank + m.rope_dim, m.kv_lora_rank, max_tokens,
+                               dtype, self.device)
+        return LatentCache(a.n_layers, a.n_heads, m.nope_dim + m.rope_dim, m.v_dim, max_tokens, dtype,
+                           self.device, separate_values=True)

@@ -7,6 +7,8 @@ turned into that space (q_nope·W_kb: "absorbed"), so attention is multi-query a
 the latent; the values are the latent's first R entries (a view of the same cache, as
 llama.cpp's K-only MLA cache), and each head's R-wide output is decompressed by W_vb after.
 So the cache costs (R + Dr) x 2 bytes per token and layer in f16 — the model card's number.
+(Older files without the split attn_k_b/attn_v_b run as plain multi-head attention: there
+llama.cpp caches per-head K and V, and so does this.)
 
 Legend: T new tokens, S cached + new tokens, H heads, R kv_lora_rank, Dr rope dims.
 """
@@ -17,24 +19,33 @@ import torch
 
 
 class LatentCache:
-    """Preallocated [L, 1, S_max, R + Dr] f16 latent per layer; V is a view of its first R
-    columns. Same interface as KVCache (update / advance / truncate / length)."""
+    """Preallocated [L, Hkv, S_max, Dk] f16 keys per layer. MLA (absorbed): one "head" of
+    R + Dr, and V is a view of its first R columns (value_dim=R, separate_values=False).
+    Older deepseek2 files (unsplit attn_kv_b) attend as plain multi-head attention with K and
+    V of different widths: then V has its own [L, Hkv, S_max, Dv] buffer, as in llama.cpp.
+    Same interface as KVCache (update / advance / truncate / length)."""
 
-    def __init__(self, n_layers: int, latent_dim: int, value_dim: int, max_tokens: int,
-                 dtype: torch.dtype = torch.float16, device="cpu"):
-        self.k = torch.zeros((n_layers, 1, max_tokens, latent_dim), dtype=dtype, device=device)
-        self.value_dim = value_dim  # R: the values are k[..., :R]
+    def __init__(self, n_layers: int, n_kv_heads: int, key_dim: int, value_dim: int, max_tokens: int,
+                 dtype: torch.dtype = torch.float16, device="cpu", separate_values: bool = False):
+        self.k = torch.zeros((n_layers, n_kv_heads, max_tokens, key_dim), dtype=dtype, device=device)
+        self.v = (torch.zeros((n_layers, n_kv_heads, max_tokens, value_dim), dtype=dtype, device=device)
+                  if separate_values else None)
+        self.value_dim = value_dim
         self.max_tokens = max_tokens
         self.length = 0
 
-    def update(self, layer: int, start: int, latent: torch.Tensor, _v=None):
-        """Store latent [T, 1, R + Dr] at start..start+T-1; return (k [1, S, R+Dr], v [1, S, R])."""
-        end = start + latent.shape[0]
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor | None = None):
+        """Store k [T, Hkv, Dk] (and v [T, Hkv, Dv]) at start..start+T-1; return
+        (k [Hkv, S, Dk], v [Hkv, S, Dv]) views."""
+        end = start + k.shape[0]
         if end > self.max_tokens:
             raise ValueError(f"KV cache full: {end} tokens > {self.max_tokens}")
-        self.k[layer, :, start:end] = latent.transpose(0, 1)
-        k = self.k[layer, :, :end]
-        return k, k[..., : self.value_dim]
+        self.k[layer, :, start:end] = k.transpose(0, 1)
+        if self.v is None:
+            keys = self.k[layer, :, :end]
+            return keys, keys[..., : self.value_dim]
+        self.v[layer, :, start:end] = v.transpose(0, 1)
+        return self.k[layer, :, :end], self.v[layer, :, :end]
 
     def advance(self, end: int) -> None:
         self.length = end
@@ -44,26 +55,27 @@ class LatentCache:
 
 
 def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """q [T, H, R+Dr] at positions start.., k [1, S, R+Dr], v [1, S, R] (f16 cache views)
-    -> [T, H, R]. Rounded as llama.cpp's default CPU attention: q to the cache dtype before
-    q·k, the softmax probabilities to the cache dtype before they weight the values. On the
-    CPU each query alone over exactly the keys it sees (so a cached decode step equals a full
-    forward, see layers.attention_per_query); on a GPU all queries in one masked product."""
-    t, h, _ = q.shape
-    qh = q.to(k.dtype).float()  # [T, H, R+Dr]
-    kf, vf = k[0].float(), v[0].float()  # [S, R+Dr], [S, R]
+    """q [T, H, Dk] at positions start.., k [Hkv, S, Dk], v [Hkv, S, Dv] (f16 cache views;
+    MLA: Hkv = 1, Dk = R + Dr, Dv = R) -> [T, H, Dv]. Rounded as llama.cpp's default CPU
+    attention: q to the cache dtype before q·k, the softmax probabilities to the cache dtype
+    before they weight the values. On the CPU each query alone over exactly the keys it sees
+    (so a cached decode step equals a full forward, see layers.attention_per_query); on a GPU
+    all queries in one masked product."""
+    t, h, dk = q.shape
+    hkv, s, dv = v.shape
+    qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dk)  # [T, Hkv, G, Dk]
+    kf, vf = k.float(), v.float()  # [Hkv, S, Dk], [Hkv, S, Dv]
     if q.device.type == "cpu":
-        out = torch.empty(t, h, vf.shape[-1], device=q.device)
+        out = torch.empty(t, hkv, h // hkv, dv, device=q.device)
         for i in range(t):
             seen = start + i + 1
-            scores = torch.mm(qh[i], kf[:seen].T).mul_(scale)  # [H, seen]
+            scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
             probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
-            torch.mm(probs, vf[:seen], out=out[i])  # [H, R]
-        return out
-    s = kf.shape[0]
-    scores = torch.einsum("thd,sd->ths", qh, kf) * scale  # [T, H, S]
+            torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dv]
+        return out.view(t, h, dv)
+    scores = torch.einsum("tkgd,ksd->tkgs", qg, kf) * scale  # [T, Hkv, G, S]
     if t > 1:
         future = torch.arange(s, device=q.device)[None, :] > (start + torch.arange(t, device=q.device))[:, None]
-        scores = scores.masked_fill(future[:, None, :], float("-inf"))
+        scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
-    return torch.einsum("ths,sr->thr", probs, vf)  # [T, H, R]
+    return torch.einsum("tkgs,ksv->tkgv", probs, vf).reshape(t, h, dv)
