@@ -17,6 +17,7 @@ import dataclasses
 
 import torch
 
+from moechat.backends.errors import MoechatError
 from moechat.backends.runtime import llama
 from moechat.backends.runtime.layers import rms_norm
 
@@ -45,10 +46,14 @@ class Model(llama.Model):
         layer.qkv, layer.post_attention = qkv, post_attention
         return layer
 
-    def __init__(self, args, *rest):
+    def __init__(self, args, weights, *rest):
+        if "rope_factors_long.weight" in weights or "rope_factors_short.weight" in weights:
+            name = weights.metadata.get("general.name", "phimoe")
+            raise MoechatError(f"{name}: LongRoPE factors (rope_factors_long/short) are not supported by "
+                               "the torch runtime yet; use --engine llama.cpp")
         # llama.cpp scales the query by 1/sqrt(Dh) before attention and attends with scale 1
         self.query_scale = args.attn_scale
-        super().__init__(dataclasses.replace(args, attn_scale=1.0), *rest)
+        super().__init__(dataclasses.replace(args, attn_scale=1.0), weights, *rest)
 
     def qk_norm(self, layer, q, k):  # before RoPE (a scalar commutes with the rotation)
         return q * self.query_scale, k
