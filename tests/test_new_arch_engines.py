@@ -81,3 +81,22 @@ def test_unsplit_kv_b_file_runs_as_multi_head_attention_like_llamacpp(tmp_path, 
     check_agreement(got, llama_logits(path, tokens), TINY_TOLERANCE[expert_type], require_clear=False)
     cache = model.new_cache(8)
     assert (cache.k.numel() + cache.v.numel()) * 2 == 8 * read_model_card(path).kv_bytes_per_token
+
+
+@pytest.mark.parametrize("yarn", [(4.0, 32, 0.707), (40.0, 16, 1.0)])
+def test_deepseek2_yarn_rope_and_softmax_scale_like_llamacpp(tmp_path, yarn):
+    """Real DeepSeek-V2(-Lite) files use YaRN (factor 40 over 4k positions, log multiplier
+    0.0707·10): the rotated dims blend interpolated and original angles, and the softmax
+    scale grows by mscale². Context 64 > original 16/32 positions, so both parts matter."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from tests.fixtures.tiny_models import build_tiny_model, spec_for
+    from tests.test_runtime_parity import check_agreement, llama_logits, torch_logits
+
+    path = build_tiny_model("deepseek2", tmp_path / "ds2-yarn.gguf", spec=replace(spec_for("deepseek2"), yarn=yarn))
+    tokens = [1] + [int(t) for t in np.random.default_rng(0).integers(2, 49152, 63)]
+    got, model = torch_logits(path, tokens)
+    assert model.attn_scale > model.args.attn_scale  # mscale² > 1
+    check_agreement(got, llama_logits(path, tokens), 5e-3, require_clear=False)

@@ -33,6 +33,7 @@ from moechat.backends.runtime.gguf_weights import RawTensor
 from moechat.backends.runtime.gating import GATING_SOFTMAX, route_grouped
 from moechat.backends.runtime.layers import Linear, Rope, normed_linears, rms_norm, swiglu
 from moechat.backends.runtime.mla import LatentCache, latent_attention
+from moechat.backends.runtime.yarn import yarn_tables
 from moechat.kernels.ggml import CpuBackend
 from moechat.kernels.ggml_heads import HeadwiseLinear
 
@@ -125,6 +126,28 @@ class Model(llama.Model):
         # RoPE rotates only the Dr-wide parts, in adjacent pairs (llama.cpp's NORM mode)
         self.rope = Rope(m.rope_dim, m.rope_dim, a.rope_base, False, self.max_tokens, a.rope_scale,
                          None, self.device)
+        self.attn_scale = a.attn_scale
+        meta = weights.metadata
+        if meta.get("deepseek2.rope.scaling.type") == "yarn":
+            self.use_yarn(meta)
+
+    def use_yarn(self, meta: dict) -> None:
+        """YaRN RoPE tables (yarn.py) and llama.cpp's DeepSeek softmax scale: mscale² / sqrt(Dk),
+        mscale = attn_factor · (1 + yarn_log_multiplier · ln(factor)) (the file's multiplier
+        is 0.1 x the checkpoint's mscale_all_dim)."""
+        a, m = self.args, self.mla
+        factor = float(meta["deepseek2.rope.scaling.factor"])
+        original = int(meta.get("deepseek2.rope.scaling.original_context_length",
+                                meta["deepseek2.context_length"]))
+        attn_factor = float(meta.get("deepseek2.rope.scaling.attn_factor", 1.0) or 1.0)
+        cos, sin = yarn_tables(m.rope_dim, a.rope_base, self.max_tokens, factor, original, attn_factor,
+                               self.device)
+        self.rope.cos, self.rope.sin, self.rope.turn = cos, sin, torch.complex(cos, sin)
+        # the converter writes 0.1 x mscale_all_dim; llama.cpp's loader divides by 0.1 again and
+        # its graph multiplies by 0.1: mscale = attn_factor (1 + yarn_log_multiplier ln factor)
+        log_mul = float(meta.get("deepseek2.rope.scaling.yarn_log_multiplier", 0.0))
+        mscale = np.float32(attn_factor) * np.float32(1.0 + 0.1 * np.float32(log_mul / 0.1) * np.log(factor))
+        self.attn_scale = float(mscale * mscale / np.float32(np.sqrt(m.nope_dim + m.rope_dim)))
 
     def load_layer(self, i: int) -> MLALayer:
         p = f"blk.{i}."
@@ -172,13 +195,13 @@ class Model(llama.Model):
         if m.absorbed:  # MQA over the latent: Q = [q_nope·W_kb, q_pe], K = [c, k_pe], V = c
             queries = torch.cat([layer.k_b(q_nope), q_pe], dim=-1)  # [T, H, R+Dr]
             k_all, v_all = cache.update(i, start, torch.cat([latent[:, None], k_pe], dim=-1))  # [1, S, R+Dr], [1, S, R]
-            out = latent_attention(queries, k_all, v_all, start, a.attn_scale)  # [T, H, R]
+            out = latent_attention(queries, k_all, v_all, start, self.attn_scale)  # [T, H, R]
             out = layer.v_b(out)  # [T, H, Dv]
         else:  # per-head K and V decompressed from the latent, cached as multi-head attention
             kv = layer.kv_b(latent).view(t, a.n_heads, m.nope_dim + m.v_dim)  # [T, H, Dn+Dv]
             keys = torch.cat([kv[..., : m.nope_dim], k_pe.expand(t, a.n_heads, m.rope_dim)], dim=-1)  # [T, H, Dn+Dr]
             k_all, v_all = cache.update(i, start, keys, kv[..., m.nope_dim :])  # [H, S, Dn+Dr], [H, S, Dv]
-            out = latent_attention(torch.cat([q_nope, q_pe], dim=-1), k_all, v_all, start, a.attn_scale)
+            out = latent_attention(torch.cat([q_nope, q_pe], dim=-1), k_all, v_all, start, self.attn_scale)
         return out.reshape(t, a.n_heads * m.v_dim)
 
     def feed_forward(self, i, layer, x, reads_x):
