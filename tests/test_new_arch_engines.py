@@ -100,3 +100,35 @@ def test_deepseek2_yarn_rope_and_softmax_scale_like_llamacpp(tmp_path, yarn):
     got, model = torch_logits(path, tokens)
     assert model.attn_scale > model.args.attn_scale  # mscale² > 1
     check_agreement(got, llama_logits(path, tokens), 5e-3, require_clear=False)
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "deepseek2-v3", "phimoe"])
+def test_gpu_code_path_on_the_cpu_agrees_with_llamacpp(arch):
+    """kernels="torch": dense weights and MLA's per-head products dequantized, plain torch
+    products (what a GPU runs), on the CPU. No Q8 rounding of activations here, so the Q8_0
+    file's own tolerance applies (measured 0.003 / 0.011 / 0.013)."""
+    import numpy as np
+
+    from tests.test_runtime_parity import TINY_TOLERANCE, check_agreement, llama_logits, torch_logits
+
+    path = tiny_model_path(arch, "Q8_0")
+    tokens = [1] + [int(t) for t in np.random.default_rng(0).integers(2, 49152, 63)]
+    got, _ = torch_logits(path, tokens, kernels="torch")
+    check_agreement(got, llama_logits(path, tokens), TINY_TOLERANCE["Q8_0"], require_clear=False)
+
+
+@pytest.mark.parametrize("n_kv_heads, dk, dv", [(1, 40, 32), (4, 24, 16)])
+def test_latent_attention_batched_equals_per_query(n_kv_heads, dk, dv):
+    """The GPU's one masked product gives what the CPU's query-at-a-time loop gives (MLA's
+    one latent head with V a prefix of K; multi-head with K and V of different widths)."""
+    import torch
+
+    from moechat.backends.runtime.mla import latent_attention_batched, latent_attention_per_query
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 4, dk, generator=gen)
+    k = torch.randn(n_kv_heads, 9, dk, generator=gen).half()
+    v = k[..., :dv] if n_kv_heads == 1 else torch.randn(n_kv_heads, 9, dv, generator=gen).half()
+    per_query = latent_attention_per_query(q, k, v, 4, 0.2)
+    torch.testing.assert_close(latent_attention_batched(q, k, v, 4, 0.2), per_query, atol=1e-5, rtol=1e-5)
+    assert per_query.shape == (5, 4, dv)

@@ -71,7 +71,8 @@ def model_args(metadata: dict, tensors: dict) -> ModelArgs:
     elif int(get("attention.value_length", head_dim)) != head_dim:
         raise MoechatError(f"{name}: different K and V head sizes are not supported")
     scaling = get("rope.scaling.type", "none")
-    if scaling not in ("none", "linear") and not (scaling == "yarn" and arch == "deepseek2"):  # (its own file reads YaRN)
+    # deepseek2 reads its YaRN itself (runtime/yarn.py); every other non-linear scaling is refused
+    if scaling not in ("none", "linear") and not (scaling == "yarn" and arch == "deepseek2"):
         raise MoechatError(f"{name}: RoPE scaling {scaling!r} is not supported by the torch runtime")
     factor = float(get("rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
     n_experts = int(get("expert_count", 0))

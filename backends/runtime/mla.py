@@ -61,21 +61,32 @@ def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     before they weight the values. On the CPU each query alone over exactly the keys it sees
     (so a cached decode step equals a full forward, see layers.attention_per_query); on a GPU
     all queries in one masked product."""
+    if q.device.type == "cpu":
+        return latent_attention_per_query(q, k, v, start, scale)
+    return latent_attention_batched(q, k, v, start, scale)
+
+
+def latent_attention_per_query(q, k, v, start: int, scale: float) -> torch.Tensor:
+    t, h, dk = q.shape
+    hkv, _, dv = v.shape
+    qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dk)  # [T, Hkv, G, Dk]
+    kf, vf = k.float(), v.float()  # [Hkv, S, Dk], [Hkv, S, Dv]
+    out = torch.empty(t, hkv, h // hkv, dv, device=q.device)
+    for i in range(t):
+        seen = start + i + 1
+        scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
+        torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dv]
+    return out.view(t, h, dv)
+
+
+def latent_attention_batched(q, k, v, start: int, scale: float) -> torch.Tensor:
     t, h, dk = q.shape
     hkv, s, dv = v.shape
     qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dk)  # [T, Hkv, G, Dk]
-    kf, vf = k.float(), v.float()  # [Hkv, S, Dk], [Hkv, S, Dv]
-    if q.device.type == "cpu":
-        out = torch.empty(t, hkv, h // hkv, dv, device=q.device)
-        for i in range(t):
-            seen = start + i + 1
-            scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
-            probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
-            torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dv]
-        return out.view(t, h, dv)
-    scores = torch.einsum("tkgd,ksd->tkgs", qg, kf) * scale  # [T, Hkv, G, S]
-    if t > 1:
+    scores = torch.einsum("tkgd,ksd->tkgs", qg, k.float()) * scale  # [T, Hkv, G, S]
+    if t > 1:  # query i sits at position start + i and sees keys 0..start+i
         future = torch.arange(s, device=q.device)[None, :] > (start + torch.arange(t, device=q.device))[:, None]
         scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
-    return torch.einsum("tkgs,ksv->tkgv", probs, vf).reshape(t, h, dv)
+    return torch.einsum("tkgs,ksv->tkgv", probs, v.float()).reshape(t, h, dv)
