@@ -25,8 +25,8 @@ def test_sampling_greedy_seeded_and_filters():
 
 
 def test_unsupported_architecture_and_rope_refused_by_name():
-    base = {"general.architecture": "deepseek2", "general.name": "X"}
-    with pytest.raises(MoechatError, match="deepseek2"):
+    base = {"general.architecture": "mamba", "general.name": "X"}
+    with pytest.raises(MoechatError, match="mamba"):
         model_args(base, {})
     meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
             "llama.attention.head_count": 4, "llama.rope.scaling.type": "yarn"}

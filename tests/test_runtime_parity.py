@@ -156,7 +156,7 @@ def _tiny_path(arch, expert_type):
 # Q8_0/Q4_0 ≤ 7e-3, K-quants ≤ 0.09 (one qwen3moe Q4_K position at 0.96: a near-tie in
 # routing picks a different expert, hence one allowed outlier).
 TINY_TOLERANCE = {"F32": 5e-3, "F16": 5e-3, "Q8_0": 5e-2, "Q4_0": 5e-2, "Q4_K": 0.25, "Q6_K": 0.25}
-ARCHS = ["llama", "llama-moe", "qwen2moe", "qwen3moe", "olmoe"]
+ARCHS = ["llama", "llama-moe", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "deepseek2-v3", "phimoe"]
 
 
 @pytest.mark.parametrize("expert_type", list(TINY_TOLERANCE))

@@ -10,11 +10,11 @@ from moechat.backends.errors import MoechatError
 
 # llama.cpp's llama_model_rope_type(): NORM rotates adjacent pairs (x0,x1),(x2,x3)...;
 # NEOX rotates (x_i, x_{i+n/2}).
-ROPE_NEOX_ARCHS = ("qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe")
+ROPE_NEOX_ARCHS = ("qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "phimoe")
 # Whether each architecture renormalises the top-k gate weights to sum to 1 (build_moe_ffn's
 # norm_w argument in llama.cpp's graph for that architecture).
-NORM_TOPK_ARCHS = ("llama", "qwen3moe")
-RUNTIME_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")
+NORM_TOPK_ARCHS = ("llama", "qwen3moe", "phimoe")
+RUNTIME_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "phimoe")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +66,13 @@ def model_args(metadata: dict, tensors: dict) -> ModelArgs:
 
     dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", dim // n_heads))
-    if int(get("attention.value_length", head_dim)) != head_dim:
+    if arch == "deepseek2":  # MLA: key_length is the cached latent's; *_mla are the heads'
+        head_dim = int(get("attention.key_length_mla", head_dim))
+    elif int(get("attention.value_length", head_dim)) != head_dim:
         raise MoechatError(f"{name}: different K and V head sizes are not supported")
     scaling = get("rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
+    # deepseek2 reads its YaRN itself (runtime/yarn.py); every other non-linear scaling is refused
+    if scaling not in ("none", "linear") and not (scaling == "yarn" and arch == "deepseek2"):
         raise MoechatError(f"{name}: RoPE scaling {scaling!r} is not supported by the torch runtime")
     factor = float(get("rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
     n_experts = int(get("expert_count", 0))

@@ -115,7 +115,10 @@ class Model:
         cache.advance(start + tokens.shape[0])
         if not all_logits:
             x = x[-1:]
-        return self.output(rms_norm(x, self.output_norm, self.args.norm_eps)).float()  # [T, V]
+        return self.output(self.final_norm(x)).float()  # [T, V]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.output_norm, self.args.norm_eps)
 
     def attention(self, i: int, layer: LayerWeights, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """x [T, D] (the residual stream; attn_norm is applied with the q/k/v products) ->

@@ -17,7 +17,8 @@ from moechat.backends.runtime.gguf_weights import GGUFWeights
 from moechat.kernels.dequant import type_name
 from moechat.kernels.ggml import CpuBackend
 
-ARCH_MODULES = {"llama": "llama", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}
+ARCH_MODULES = {"llama": "llama", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe",
+                "deepseek2": "deepseek2", "phimoe": "phimoe"}
 
 Model = importlib.import_module("moechat.backends.runtime.llama").Model
 
