@@ -55,6 +55,8 @@ _SIGNATURES = {
     "ggml_mul_mat": (_p, [_p, _p, _p]),
     "ggml_mul_mat_id": (_p, [_p, _p, _p, _p]),
     "ggml_swiglu_split": (_p, [_p, _p, _p]),
+    "ggml_swiglu_oai": (_p, [_p, _p, _p, ctypes.c_float, ctypes.c_float]),
+    "ggml_add_id": (_p, [_p, _p, _p, _p]),
     "ggml_mul": (_p, [_p, _p, _p]),
     "ggml_add": (_p, [_p, _p, _p]),
     "ggml_cont": (_p, [_p, _p]),
