@@ -112,7 +112,7 @@ class HobbitExperts:
             elif want != HIGH and key in self.low:
                 s.low_hits += len(tok)
                 self.cache.touch(key, False)
-                y[tok, slot] = low_expert_forward(x[tok], self.low[key]).float()
+                y[tok, slot] = low_expert_forward(x[tok], self.low[key], self.store.expert(*key)).float()
             elif want == SKIP:
                 s.skips += len(tok)
                 keep[tok, slot] = False
@@ -124,7 +124,8 @@ class HobbitExperts:
                 s.add_time("copy", time.perf_counter() - t0)
                 self._admit(key, high, value)
                 self.cache.touch(key, high)
-                y[tok, slot] = (value.forward(x[tok]) if high else low_expert_forward(x[tok], value)).float()
+                y[tok, slot] = (value.forward(x[tok]) if high else
+                                low_expert_forward(x[tok], value, self.store.expert(*key))).float()
         s.add_time("experts", time.perf_counter() - start)
         self.cache.release_layer(layer)
         if self.prefetch and t_count == 1:
