@@ -22,7 +22,7 @@ from moechat.backends.offload.expert_compute import (
     DeviceExpert, combine, device_expert, host_parts, low_expert_forward, token_groups,
 )
 from moechat.backends.offload.hobbit_cache import HobbitCache
-from moechat.backends.offload.hobbit_loading import HIGH, SKIP, T1, T2, per_expert_need, wanted_precision
+from moechat.backends.offload.hobbit_loading import HIGH, LOW, SKIP, T1, T2, per_expert_need, wanted_precision
 from moechat.backends.offload.low_copies import LowCopies
 from moechat.backends.offload.prefetch import MAX_DEPTH, adaptive_targets, predict_experts
 from moechat.backends.offload.stats import OffloadStats
@@ -87,6 +87,8 @@ class HobbitExperts:
         s = self.stats
         self.cache.advance(self.position + t_count - 1, layer)
         need_tok = wanted_precision(gate_weights.float().cpu().numpy(), self.t1, self.t2, self.allow_skip)
+        if not self.low_copies.experts:  # no low tier (--hobbit-low none): what is not skipped is high
+            need_tok[need_tok == LOW] = HIGH
         ids_np = expert_ids.cpu().numpy()
         need = per_expert_need(ids_np, need_tok)
         predicted = None
