@@ -114,3 +114,23 @@ def test_gpu_code_path_on_cpu_agrees(short_window):
         one = sink_attention(q, k, v, 9, 2, 0.25, sinks, window, batched=False)
         many = sink_attention(q, k, v, 9, 2, 0.25, sinks, window, batched=True)
         torch.testing.assert_close(many, one, atol=1e-5, rtol=0)
+
+
+def test_model_card_and_planner_count_the_capped_sliding_cache(short_window):
+    """The card reads the window; llama-cpp-python's full-size SWA cache is what the
+    llama.cpp placements count, the torch engines' ring what theirs count — and the ring
+    the runtime allocates is exactly that many bytes."""
+    from moechat.backends.model.model_card import SWA_CACHE_SLACK, read_model_card
+    from moechat.backends.plan import cost_model as cm
+    from moechat.backends.runtime import load_model
+
+    card = read_model_card(short_window)
+    assert card.sliding_window == 8 and card.n_sliding_layers == 1
+    n_ctx, per_layer = 2048, card.kv_bytes_per_token // card.n_layers
+    assert cm.kv_bytes(card, n_ctx, cm.Placement("cpu", 0)) == card.kv_bytes_per_token * n_ctx
+    capped = cm.kv_bytes(card, n_ctx, cm.Placement("hobbit", 0))
+    assert capped == per_layer * (n_ctx + 8 + SWA_CACHE_SLACK)  # one full layer, one ring
+    model = load_model(short_window, threads=1, max_tokens=n_ctx)
+    assert model.new_cache(n_ctx).nbytes == capped
+    assert read_model_card(tiny_model_path("qwen3moe")).kv_bytes(n_ctx, sliding_capped=True) == \
+        read_model_card(tiny_model_path("qwen3moe")).kv_bytes_per_token * n_ctx  # no window: no cap

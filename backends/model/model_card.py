@@ -32,6 +32,10 @@ MAX_TENSORS = 1_000_000  # more than any real model has, by orders of magnitude
 MAX_KV_PAIRS = 100_000
 
 
+# The torch runtime's sliding-window KV ring holds window + this many positions
+# (backends/runtime/swa_cache.py reads it from here, so the card and the cache agree).
+SWA_CACHE_SLACK = 256
+
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
@@ -77,6 +81,8 @@ class ModelCard:
     # 0 when absent, e.g. older deepseek2 files with an unsplit attn_kv_b (cached as MHA).
     head_dim_k_mla: int = 0
     head_dim_v_mla: int = 0
+    # gpt-oss: the even layers attend to the last `sliding_window` tokens only (0: none)
+    sliding_window: int = 0
 
     # ---- derived ---------------------------------------------------------------------
     @property
@@ -150,6 +156,22 @@ class ModelCard:
         if self.is_mla:
             return self.n_layers * self.n_kv_heads * self.head_dim_k * 2
         return self.n_layers * self.n_kv_heads * (self.head_dim_k + self.head_dim_v) * 2
+
+    @property
+    def n_sliding_layers(self) -> int:
+        """Layers with a sliding window: llama.cpp's pattern 2 for gpt-oss (layers 0, 2, ...)."""
+        return (self.n_layers + 1) // 2 if self.sliding_window else 0
+
+    def kv_bytes(self, n_ctx: int, sliding_capped: bool = False) -> int:
+        """KV cache bytes at a context of n_ctx tokens. llama.cpp (llama-cpp-python, which
+        allocates SWA caches full-size) holds every layer for n_ctx tokens; moechat's torch
+        runtime (`sliding_capped`) holds a sliding layer's window plus SWA_CACHE_SLACK slots."""
+        per_layer = self.kv_bytes_per_token // max(1, self.n_layers)
+        if not sliding_capped or not self.sliding_window:
+            return self.kv_bytes_per_token * n_ctx
+        n_slide = self.n_sliding_layers
+        kept = min(n_ctx, self.sliding_window + SWA_CACHE_SLACK)
+        return per_layer * ((self.n_layers - n_slide) * n_ctx + n_slide * kept)
 
     def tensor(self, name: str) -> TensorInfo | None:
         for t in self.tensors:
@@ -256,6 +278,7 @@ def card_from_headers(path: str, headers: list[GGUFHeader], file_sizes: list[int
         tensors=tensors,
         head_dim_k_mla=meta.int(f"{arch}.attention.key_length_mla", 0),
         head_dim_v_mla=meta.int(f"{arch}.attention.value_length_mla", 0),
+        sliding_window=meta.int(f"{arch}.attention.sliding_window", 0) if arch == "gpt-oss" else 0,
     )
     _check_geometry(card)
     return card

@@ -99,8 +99,11 @@ class Prediction:
 # ---- bytes ----------------------------------------------------------------------------------
 
 
-def kv_bytes(card, n_ctx: int) -> int:
-    return card.kv_bytes_per_token * n_ctx
+def kv_bytes(card, n_ctx: int, placement: "Placement | None" = None) -> int:
+    """The KV cache at n_ctx tokens; the torch engines (fiddler, hobbit placements) keep a
+    sliding-window layer's window only, llama-cpp-python every layer in full."""
+    capped = placement is not None and placement.kind in ("fiddler", "hobbit")
+    return card.kv_bytes(n_ctx, sliding_capped=capped)
 
 
 def compute_buffer_bytes(card) -> int:
@@ -208,7 +211,7 @@ def on_gpu(card, t, placement: Placement) -> bool:
 
 def memory(card, placement: Placement, n_ctx: int) -> tuple[int, int]:
     """(RAM bytes, VRAM bytes) needed: weights where they live, KV cache and buffers."""
-    kv = kv_bytes(card, n_ctx)
+    kv = kv_bytes(card, n_ctx, placement)
     if placement.kind == "cpu":
         return card.tensor_bytes + kv + compute_buffer_bytes(card) + RUNTIME_OVERHEAD_BYTES, 0
     ram = vram = 0
@@ -274,7 +277,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
             add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
     for gpu_s, cpu_s in fiddler_layers.values():
         add("experts GPU ‖ CPU (overlapped)", max(gpu_s, cpu_s))
-    add("KV cache", kv_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
+    add("KV cache", kv_bytes(card, n_past, placement) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
     _add_overheads(card, profile, placement, add)
     decode_s = sum(terms.values())
     return Prediction(

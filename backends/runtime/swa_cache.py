@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-SLACK = 256  # extra ring slots: room to step back (prefix reuse) without re-evaluating
+from moechat.backends.model.model_card import SWA_CACHE_SLACK
+
+SLACK = SWA_CACHE_SLACK  # extra ring slots: room to step back (prefix reuse) without re-evaluating
 
 
 class SlidingKVCache:
