@@ -134,3 +134,37 @@ def test_model_card_and_planner_count_the_capped_sliding_cache(short_window):
     assert model.new_cache(n_ctx).nbytes == capped
     assert read_model_card(tiny_model_path("qwen3moe")).kv_bytes(n_ctx, sliding_capped=True) == \
         read_model_card(tiny_model_path("qwen3moe")).kv_bytes_per_token * n_ctx  # no window: no cap
+
+
+@pytest.mark.parametrize("slack", [256, 4])
+def test_two_turn_chat_equals_llamacpp_with_and_without_prefix_reuse(short_window, slack, monkeypatch):
+    """The torch engine on the 8-token-window file: a second turn reuses the cached prefix
+    when the ring still holds its window (slack 256), and re-evaluates the prompt when it
+    does not (slack 4: a ring of 12 positions) — greedy tokens equal llama.cpp's either way."""
+    import moechat.backends.runtime.swa_cache as swa_cache
+    from moechat.backends.engines.engine import Sampling
+    from moechat.backends.engines.llamacpp_engine import LlamaCppEngine
+    from moechat.backends.engines.torch_engine import TorchEngine
+    from moechat.backends.model.model_card import read_model_card
+
+    monkeypatch.setattr(swa_cache, "SLACK", slack)
+    card = read_model_card(short_window)
+    first = [{"role": "user", "content": "Tell me about the sea."}]
+
+    def chat(engine):
+        out = []
+        try:
+            events = list(engine.generate(first, Sampling(max_tokens=8)))
+            out.append([t for e in events for t in e.token_ids])
+            # not the generated reply: the prompts part at its start, 8+ tokens before the end
+            second = first + [{"role": "assistant", "content": "Waves."}, {"role": "user", "content": "And rivers?"}]
+            events = list(engine.generate(second, Sampling(max_tokens=8)))
+            out.append([t for e in events for t in e.token_ids])
+            return out, events[-1].stats
+        finally:
+            engine.close()
+
+    ref, _ = chat(LlamaCppEngine(card, n_ctx=256, threads=1))
+    got, stats = chat(TorchEngine(card, n_ctx=256, threads=1, device="cpu"))
+    assert got == ref
+    assert (stats["prompt_tokens_reused"] > 0) == (slack == 256)
