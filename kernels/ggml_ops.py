@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from moechat.kernels.ggml import (
-    GGML_TYPE_F32, GGML_TYPE_I32, CpuBackend, QuantWeight, _Graph, aligned_empty, ggml_type_id,
+    GGML_TYPE_F32, GGML_TYPE_I32, CpuBackend, PackedWeight, QuantWeight, _Graph, aligned_empty, ggml_type_id,
 )
 
 
@@ -218,6 +218,7 @@ class QuantExperts:
             raise ValueError(f"unknown expert activation {activation!r} (choose from {', '.join(ACTIVATIONS)})")
         self.gate, self.up, self.down, self.backend = gate, up, down, backend
         self.biases, self.activation = biases, activation
+        self.repacked = any(isinstance(w, PackedWeight) for w in (gate, up, down))
         self.dim, self.ffn_dim, self.n_experts = d, i, e
         self._graphs: dict[tuple, _ExpertsGraph] = {}  # decode's graphs (T == 1), per (A, weighted)
 
@@ -230,6 +231,10 @@ class QuantExperts:
             raise ValueError(f"gate weights {gate_weights.shape} do not match expert ids {expert_ids.shape}")
         if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= self.n_experts):
             raise ValueError(f"expert ids must be in [0, {self.n_experts})")
+        if self.repacked and expert_ids.shape[1] > 1 and (np.diff(np.sort(expert_ids, 1), axis=1) == 0).any():
+            # ggml's repacked mul_mat_id keeps at most T rows per expert: a token naming an
+            # expert twice overflows that table (routing never does; refuse, not garbage)
+            raise ValueError("expert ids repeat within a token (repacked experts need distinct ids)")
         n_tokens, n_used = expert_ids.shape
         weighted = gate_weights is not None
         inputs = (x, expert_ids) + ((gate_weights,) if weighted else ())
