@@ -147,7 +147,7 @@ class ExpertStore:
 class GgmlExperts:
     """Every routed expert on the CPU with ggml's kernels on the GGUF's quantized bytes
     (ggml_mul_mat_id: only the selected experts' rows are read). The measured-fastest CPU
-    route, and llama.cpp's own numerics. Q4_0 experts are repacked into ggml's interleaved
+    route, and llama.cpp's own numerics. Q4_0 and MXFP4 experts are repacked into ggml's interleaved
     layout at load (1.5x faster GEMV here) and their mapped pages released, so RSS stays
     one copy of the experts."""
 
