@@ -20,9 +20,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram-budget", metavar="SIZE",
                         help="GPU memory for experts, e.g. 6GiB or 50%% of the experts "
                              "(fiddler, hobbit engines; default: what is free)")
-    parser.add_argument("--hobbit-low", choices=("auto", "int4", "int2"), default="auto",
+    parser.add_argument("--hobbit-low", choices=("auto", "int4", "int2", "none"), default="auto",
                         help="low-precision expert format (hobbit engine; auto: int2 if the "
-                             "file is already <= 4-bit, else int4)")
+                             "file is already <= 4-bit, else int4; none: no low tier)")
     parser.add_argument("--skip", action="store_true",
                         help="skip the least important experts on a cache miss (hobbit engine)")
     parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")

@@ -6,7 +6,9 @@ scale times an integer, then plus/minus a min), so results are identical bit for
 integer unpacking follows ggml-common.h's block layouts. Works on any device: the GPU
 engines dequantize an expert where it will be used.
 
-Types with no entry here (IQ*, TQ*, MXFP4, ...) are refused by name.
+MXFP4 (gpt-oss's experts: 32 e2m1 values sharing one power-of-two e8m0 scale) follows
+gguf's `MXFP4.dequantize_blocks` the same way. Types with no entry here (IQ*, TQ*, ...) are
+refused by name.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ QK_K = 256
 BLOCK = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "MXFP4": (32, 17),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
 SUPPORTED = tuple(BLOCK)
@@ -152,6 +155,26 @@ def _dequant_q8_0(blocks):
     return x * d
 
 
+# e2m1 code -> value, doubled (ggml's kvalues_mxfp4); the scale below is halved to match
+_E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """[B, 1] uint8 exponents -> [B, 1] float32 2^(e-127) / 2 (ggml_e8m0_to_fp32_half): built
+    from its bits, subnormal for e < 2."""
+    e = e.to(torch.int32)
+    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32, device=e.device) << e, (e - 1) << 23)
+    return bits.view(torch.float32)
+
+
+def _dequant_mxfp4(blocks):
+    n = blocks.shape[0]
+    d = _e8m0_half(blocks[:, :1])
+    codes = _nibbles(blocks[:, 1:], 16).reshape(n, 32).long()  # low nibbles: values 0-15
+    table = torch.tensor(_E2M1_DOUBLED, dtype=torch.float32, device=blocks.device)
+    return d * table[codes]
+
+
 # ---- k-quants (256-value super-blocks) --------------------------------------------------
 
 
@@ -224,6 +247,6 @@ def _dequant_q6_k(blocks):
 _DEQUANT = {
     "F32": _dequant_f32, "F16": _dequant_f16, "BF16": _dequant_bf16,
     "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q5_0": _dequant_q5_0, "Q5_1": _dequant_q5_1,
-    "Q8_0": _dequant_q8_0, "Q2_K": _dequant_q2_k, "Q3_K": _dequant_q3_k, "Q4_K": _dequant_q4_k,
+    "Q8_0": _dequant_q8_0, "MXFP4": _dequant_mxfp4, "Q2_K": _dequant_q2_k, "Q3_K": _dequant_q3_k, "Q4_K": _dequant_q4_k,
     "Q5_K": _dequant_q5_k, "Q6_K": _dequant_q6_k,
 }

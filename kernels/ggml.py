@@ -55,6 +55,8 @@ _SIGNATURES = {
     "ggml_mul_mat": (_p, [_p, _p, _p]),
     "ggml_mul_mat_id": (_p, [_p, _p, _p, _p]),
     "ggml_swiglu_split": (_p, [_p, _p, _p]),
+    "ggml_swiglu_oai": (_p, [_p, _p, _p, ctypes.c_float, ctypes.c_float]),
+    "ggml_add_id": (_p, [_p, _p, _p, _p]),
     "ggml_mul": (_p, [_p, _p, _p]),
     "ggml_add": (_p, [_p, _p, _p]),
     "ggml_cont": (_p, [_p, _p]),
@@ -156,7 +158,9 @@ def check_weight(w: QuantWeight) -> None:
 
 GGML_TYPE_Q4_0 = 2
 GGML_TYPE_Q4_K = 12
-REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q4_K)
+GGML_TYPE_MXFP4 = 39
+REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_MXFP4)
+RUNTIME_REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_MXFP4)  # what the runtime repacks at load
 REPACK_ROW_MULTIPLE = 8
 BUFFER_USAGE_WEIGHTS = 1
 
@@ -218,19 +222,19 @@ class quiet_ggml_log:
         llama_cpp.llama_log_set(_logger.llama_log_callback, None)
 
 
-def can_repack(w: QuantWeight, types: tuple[int, ...] = (GGML_TYPE_Q4_0,)) -> bool:
+def can_repack(w: QuantWeight, types: tuple[int, ...] = RUNTIME_REPACK_TYPES) -> bool:
     """Whether ggml's repack buffer takes this weight. Kept to cases whose rule is known
-    (ggml_repack_get_optimal_repack_type on AVX2: Q4_0 and Q4_K -> 8x8, rows a multiple of
-    8); any other would reach a null layout inside ggml and crash. The runtime repacks Q4_0
-    only (its 3-D expert path is tested with it); the profiler measures both, as llama.cpp
-    loads both repacked."""
+    (ggml_repack_get_optimal_repack_type on AVX2: Q4_0, Q4_K and MXFP4 -> 8x8, rows a
+    multiple of 8); any other would reach a null layout inside ggml and crash. The runtime
+    repacks Q4_0 and MXFP4 (their 3-D expert paths are tested); the profiler measures Q4_0
+    and Q4_K, as llama.cpp loads them repacked."""
     return (
         w.ggml_type in types and w.ggml_type in REPACK_TYPES and w.shape[1] % 8 == 0
         and bool(lib().ggml_cpu_has_avx2())
     )
 
 
-def maybe_repack(w: QuantWeight, types: tuple[int, ...] = (GGML_TYPE_Q4_0,)) -> QuantWeight | PackedWeight:
+def maybe_repack(w: QuantWeight, types: tuple[int, ...] = RUNTIME_REPACK_TYPES) -> QuantWeight | PackedWeight:
     return PackedWeight(w) if can_repack(w, types) else w
 
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from moechat.kernels.ggml import (
-    GGML_TYPE_F32, GGML_TYPE_I32, CpuBackend, QuantWeight, _Graph, aligned_empty, ggml_type_id,
+    GGML_TYPE_F32, GGML_TYPE_I32, CpuBackend, PackedWeight, QuantWeight, _Graph, aligned_empty, ggml_type_id,
 )
 
 
@@ -141,32 +141,48 @@ class NormedLinears:
         self._graphs.clear()
 
 
-# ---- the MoE op: a SwiGLU FFN for the selected experts of stacked expert tensors ---------
+# ---- the MoE op: a gated FFN for the selected experts of stacked expert tensors -----------
+
+# gpt-oss's clamped SwiGLU (llama.cpp's LLM_FFN_SWIGLU_OAI_MOE constants):
+#   g' = min(g, limit), u' = clamp(u, -limit, limit), h = g' * sigmoid(alpha * g') * (u' + 1)
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0
+ACTIVATIONS = ("swiglu", "swiglu_oai")
 
 
 class _ExpertsGraph(_Graph):
-    """y[t, a] = down_e(silu(gate_e(x_t)) * up_e(x_t)) for e = ids[t, a]; with `weighted`,
-    the output is instead sum_a w[t, a] * y[t, a], summed in slot order as llama.cpp does."""
+    """y[t, a] = down_e(act(gate_e(x_t), up_e(x_t))) for e = ids[t, a] (each product plus
+    expert e's bias row when biases are given, ggml_add_id as llama.cpp does); with
+    `weighted`, the output is instead sum_a w[t, a] * y[t, a], summed in slot order."""
 
     def __init__(self, backend, gate: QuantWeight, up: QuantWeight, down: QuantWeight, n_tokens: int,
-                 n_used: int, weighted: bool):
+                 n_used: int, weighted: bool, biases=None, activation: str = "swiglu"):
         super().__init__(backend)
         d, i, e = gate.shape
+        lib, ctx = self.lib, self.ctx
         x = self._new(GGML_TYPE_F32, d, 1, n_tokens)  # [T, 1, D]
         ids = self._new(GGML_TYPE_I32, n_used, n_tokens)  # [T, A]
-        g = self.lib.ggml_mul_mat_id(self.ctx, self._weight(gate), x, ids)  # [T, A, I]
-        u = self.lib.ggml_mul_mat_id(self.ctx, self._weight(up), x, ids)  # [T, A, I]
-        h = self.lib.ggml_swiglu_split(self.ctx, g, u)  # silu(g) * u      [T, A, I]
-        y = self.lib.ggml_mul_mat_id(self.ctx, self._weight(down), h, ids)  # [T, A, D]
+        b = [self._weight(t) for t in biases] if biases is not None else None  # [E, I], [E, I], [E, D]
+
+        def product(w, inp, k):  # [T, A, N], plus bias row ids[t, a] of projection k
+            y = lib.ggml_mul_mat_id(ctx, self._weight(w), inp, ids)
+            return y if b is None else lib.ggml_add_id(ctx, y, b[k], ids)
+
+        u = product(up, x, 1)  # [T, A, I]   (llama.cpp's order: up, then gate)
+        g = product(gate, x, 0)  # [T, A, I]
+        if activation == "swiglu_oai":
+            h = lib.ggml_swiglu_oai(ctx, g, u, OAI_ALPHA, OAI_LIMIT)  # [T, A, I]
+        else:
+            h = lib.ggml_swiglu_split(ctx, g, u)  # silu(g) * u      [T, A, I]
+        y = product(down, h, 2)  # [T, A, D]
         self.w = None
         if weighted:
             w = self._new(GGML_TYPE_F32, 1, n_used, n_tokens)  # [T, A, 1]
-            y = self.lib.ggml_mul(self.ctx, y, w)  # [T, A, D], each slot times its gate weight
+            y = lib.ggml_mul(ctx, y, w)  # [T, A, D], each slot times its gate weight
             row, slot = d * 4, d * n_used * 4  # strides of [T, A, D] float32 in bytes
-            total = self.lib.ggml_view_2d(self.ctx, y, d, n_tokens, slot, 0)  # [T, D], slot 0
+            total = lib.ggml_view_2d(ctx, y, d, n_tokens, slot, 0)  # [T, D], slot 0
             for a in range(1, n_used):
-                total = self.lib.ggml_add(self.ctx, total, self.lib.ggml_view_2d(self.ctx, y, d, n_tokens, slot, a * row))
-            y = total if n_used > 1 else self.lib.ggml_cont(self.ctx, total)
+                total = lib.ggml_add(ctx, total, lib.ggml_view_2d(ctx, y, d, n_tokens, slot, a * row))
+            y = total if n_used > 1 else lib.ggml_cont(ctx, total)
         self._finish(y)
         self.x, self.ids = self._view(x, (n_tokens, d)), self._view(ids, (n_tokens, n_used), np.int32)
         if weighted:
@@ -183,16 +199,26 @@ class _ExpertsGraph(_Graph):
 
 
 class QuantExperts:
-    """The routed experts of one layer: y[t, a] = down_e(silu(gate_e(x_t)) * up_e(x_t)),
+    """The routed experts of one layer: y[t, a] = down_e(act(gate_e(x_t), up_e(x_t))),
     e = expert_ids[t, a], from stacked 3-D GGUF expert tensors (ggml_mul_mat_id): only the
-    selected experts' bytes are read. Weighting by the gate and the sum over A are done in the
-    same graph when the gate weights are given, else left to the caller."""
+    selected experts' bytes are read. `act` is SwiGLU, or gpt-oss's clamped variant; `biases`
+    (gpt-oss) are F32 (I, E), (I, E), (D, E) weights added per selected expert. Weighting by
+    the gate and the sum over A are done in the same graph when the gate weights are given,
+    else left to the caller."""
 
-    def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight, backend: CpuBackend):
+    def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight, backend: CpuBackend,
+                 biases: tuple[QuantWeight, QuantWeight, QuantWeight] | None = None, activation: str = "swiglu"):
         d, i, e = gate.shape
         if up.shape != (d, i, e) or down.shape != (i, d, e):
             raise ValueError(f"expert shapes disagree: gate {gate.shape}, up {up.shape}, down {down.shape}")
+        if biases is not None and (tuple(b.shape for b in biases) != ((i, e), (i, e), (d, e))
+                                   or any(b.ggml_type != GGML_TYPE_F32 for b in biases)):
+            raise ValueError(f"expert biases must be F32 (I, E), (I, E), (D, E); got {[b.shape for b in biases]}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown expert activation {activation!r} (choose from {', '.join(ACTIVATIONS)})")
         self.gate, self.up, self.down, self.backend = gate, up, down, backend
+        self.biases, self.activation = biases, activation
+        self.repacked = any(isinstance(w, PackedWeight) for w in (gate, up, down))
         self.dim, self.ffn_dim, self.n_experts = d, i, e
         self._graphs: dict[tuple, _ExpertsGraph] = {}  # decode's graphs (T == 1), per (A, weighted)
 
@@ -205,11 +231,16 @@ class QuantExperts:
             raise ValueError(f"gate weights {gate_weights.shape} do not match expert ids {expert_ids.shape}")
         if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= self.n_experts):
             raise ValueError(f"expert ids must be in [0, {self.n_experts})")
+        if self.repacked and expert_ids.shape[1] > 1 and (np.diff(np.sort(expert_ids, 1), axis=1) == 0).any():
+            # ggml's repacked mul_mat_id keeps at most T rows per expert: a token naming an
+            # expert twice overflows that table (routing never does; refuse, not garbage)
+            raise ValueError("expert ids repeat within a token (repacked experts need distinct ids)")
         n_tokens, n_used = expert_ids.shape
         weighted = gate_weights is not None
         inputs = (x, expert_ids) + ((gate_weights,) if weighted else ())
         return _cached_call(self._graphs, (n_tokens, n_used, weighted), _ExpertsGraph, self.backend,
-                            self.gate, self.up, self.down, n_tokens, n_used, weighted, inputs=inputs)
+                            self.gate, self.up, self.down, n_tokens, n_used, weighted, self.biases,
+                            self.activation, inputs=inputs)
 
     def close(self) -> None:
         for g in self._graphs.values():
@@ -230,8 +261,8 @@ _F16_FIELDS = {
 def random_blocks(qtype: int | str, n_rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Random valid blocks of `qtype`, [n_rows, row_bytes] uint8, 32-byte aligned.
 
-    Quantized types: random bytes with each half-float scale set to a small finite value
-    (random bytes would hold NaN/Inf scales). Float types: random small values."""
+    Quantized types: random bytes with each half-float scale (MXFP4: its exponent) set to a
+    small finite value (random bytes would hold NaN/Inf or huge scales). Float types: random small values."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType(ggml_type_id(qtype))
@@ -253,6 +284,8 @@ def random_blocks(qtype: int | str, n_rows: int, cols: int, rng: np.random.Gener
         for off in _F16_FIELDS.get(qtype.name, ()):
             scale = rng.uniform(1e-3, 1e-2, blocks.shape[0]).astype(np.float16)
             blocks[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+        if qtype.name == "MXFP4":  # byte 0 is a power-of-two exponent (e8m0): 2^-9 .. 2^-4
+            blocks[:, 0] = rng.integers(118, 124, blocks.shape[0], dtype=np.uint8)
     return data.reshape(n_rows, row_bytes)
 
 

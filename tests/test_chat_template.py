@@ -37,3 +37,29 @@ def test_template_reaching_for_python_internals_fails_clearly(evil):
 def test_template_raise_exception_is_a_clear_error():
     with pytest.raises(MoechatError, match="only user and assistant"):
         render_chat("{{ raise_exception('only user and assistant roles') }}", MESSAGES)
+
+
+def test_harmony_template_renders_in_the_sandbox():
+    """gpt-oss's harmony format (a hand-written copy of what its GGUFs carry, equal to
+    llama.cpp's models/templates/openai-gpt-oss-120b.jinja on these turns): the system
+    preamble with today's date (strftime_now, a global Hugging Face's renderer provides),
+    the system message as developer instructions, past assistant turns on the final channel."""
+    import datetime
+    from pathlib import Path
+
+    template = (Path(__file__).parent / "fixtures" / "templates" / "harmony.jinja").read_text()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And now?"}]
+    today = datetime.date.today().isoformat()
+    assert render_chat(template, messages) == (
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        f"Knowledge cutoff: 2024-06\nCurrent date: {today}\n\nReasoning: medium\n\n"
+        "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
+        "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n<|end|>"
+        "<|start|>user<|message|>hi<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello!<|end|>"
+        "<|start|>user<|message|>And now?<|end|>"
+        "<|start|>assistant"
+    )
+    with pytest.raises(MoechatError, match="unexpected role tool"):
+        render_chat(template, [{"role": "tool", "content": "x"}])

@@ -36,7 +36,7 @@ def test_shape_dtype_and_3d_stacks():
     assert half.dtype == torch.bfloat16 and tuple(half.shape) == (32, 64)
 
 
-@pytest.mark.parametrize("qtype", ["IQ4_XS", "TQ1_0", "MXFP4", "IQ2_XXS"])
+@pytest.mark.parametrize("qtype", ["IQ4_XS", "TQ1_0", "IQ4_NL", "IQ2_XXS"])
 def test_other_types_refused_by_name(qtype):
     with pytest.raises(dequant.UnsupportedQuantType, match=qtype):
         dequant.dequantize(np.zeros(1024, np.uint8), qtype)

@@ -5,7 +5,7 @@ import pytest
 
 from moechat.kernels import ggml, ggml_ops
 
-QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # ggml converts the activation to the weight's dot type first (F16/BF16 for those weights,
 # Q8_0/Q8_1/Q8_K for quantized ones), as llama.cpp does: the error is that rounding.
 TOLERANCE = {"F32": 1e-6, "F16": 1e-3, "BF16": 1e-2}
@@ -83,6 +83,54 @@ def test_experts_match_reference(backend):
         np.testing.assert_array_equal(experts(xs, sel, gate_w), want * 2)
     with pytest.raises(ValueError, match="gate weights"):
         experts(x, ids, np.ones((5, 3), np.float32))
+
+
+def test_mxfp4_experts_with_biases_and_clamped_swiglu(backend):
+    """gpt-oss's expert FFN: MXFP4 weights, a bias per expert on each product (ggml_add_id)
+    and the clamped SwiGLU (alpha 1.702, limit 7), against numpy on the dequantized weights."""
+    import gguf
+
+    rng = np.random.default_rng(4)
+    n_experts, dim, ffn = 4, 64, 96
+
+    def stacked(rows, cols):
+        data = ggml_ops.random_blocks("MXFP4", n_experts * rows, cols, rng).reshape(n_experts, rows, -1)
+        dense = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.MXFP4)
+        return ggml.QuantWeight(data, ggml.ggml_type_id("MXFP4"), (cols, rows, n_experts)), dense
+
+    def bias(n):
+        values = ggml.aligned_empty(n_experts * n * 4, np.float32).reshape(n_experts, n)
+        values[:] = rng.standard_normal((n_experts, n)) * 0.5
+        return ggml.QuantWeight(values, ggml.GGML_TYPE_F32, (n, n_experts)), values
+
+    (wg, g), (wu, u), (wd, d) = stacked(ffn, dim), stacked(ffn, dim), stacked(dim, ffn)
+    (bg, bg_v), (bu, bu_v), (bd, bd_v) = bias(ffn), bias(ffn), bias(dim)
+    experts = ggml_ops.QuantExperts(wg, wu, wd, backend, biases=(bg, bu, bd), activation="swiglu_oai")
+    x = rng.standard_normal((5, dim), dtype=np.float32) * 20
+    ids = np.stack([rng.permutation(n_experts)[:2] for _ in range(5)])  # distinct, as routing picks
+
+    def act(gate, up):
+        gate, up = np.minimum(gate, 7.0), np.clip(up, -7.0, 7.0)
+        return gate / (1 + np.exp(-1.702 * gate)) * (up + 1)
+
+    ref = np.stack([[d[e] @ act(g[e] @ x[t] + bg_v[e], u[e] @ x[t] + bu_v[e]) + bd_v[e] for e in ids[t]]
+                    for t in range(5)])
+    got = experts(x, ids)
+    assert _rel_err(got, ref) < Q8_ACTIVATION_TOLERANCE
+    clamped = np.abs(np.stack([g[e] @ x[t] + bg_v[e] for t in range(5) for e in ids[t]])) > 7
+    assert clamped.any()  # the limit is exercised, not just the plain SwiGLU range
+    if ggml.can_repack(wg):  # AVX2: ggml's 8x8 interleaved MXFP4, as llama.cpp loads it
+        packed = [ggml.PackedWeight(w) for w in (wg, wu, wd)]
+        repacked = ggml_ops.QuantExperts(*packed, backend, biases=(bg, bu, bd), activation="swiglu_oai")
+        assert _rel_err(repacked(x, ids), got) < 1e-5
+        with pytest.raises(ValueError, match="repeat"):  # would overflow ggml's row table
+            repacked(x, np.array([[1, 1]] * 5))
+    plain = ggml_ops.QuantExperts(wg, wu, wd, backend)(x, ids)
+    assert _rel_err(plain, got) > 0.1  # biases and the activation change the result
+    with pytest.raises(ValueError, match="biases"):
+        ggml_ops.QuantExperts(wg, wu, wd, backend, biases=(bg, bg, bg))
+    with pytest.raises(ValueError, match="activation"):
+        ggml_ops.QuantExperts(wg, wu, wd, backend, activation="gelu")
 
 
 def test_bad_weights_are_refused_not_aborted():

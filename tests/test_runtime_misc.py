@@ -29,8 +29,8 @@ def test_unsupported_architecture_and_rope_refused_by_name():
     with pytest.raises(MoechatError, match="mamba"):
         model_args(base, {})
     meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
-            "llama.attention.head_count": 4, "llama.rope.scaling.type": "yarn"}
-    with pytest.raises(MoechatError, match="yarn"):
+            "llama.attention.head_count": 4, "llama.rope.scaling.type": "longrope"}
+    with pytest.raises(MoechatError, match="longrope"):
         model_args(meta, {})
 
 

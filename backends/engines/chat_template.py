@@ -3,6 +3,8 @@
 Templates come from model files downloaded off the internet, so they run in Jinja's
 ImmutableSandboxedEnvironment: a template that reaches for Python internals
 (`__class__`, `__globals__`, mutating methods...) fails with a one-line MoechatError.
+The globals are those Hugging Face's renderer gives templates: `raise_exception` and
+`strftime_now` (gpt-oss's harmony template writes the current date into its system turn).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def render_chat(
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(template or CHATML_TEMPLATE).render(
             messages=messages,
@@ -44,3 +47,9 @@ def render_chat(
         raise MoechatError(f"chat template refused: it tries an unsafe operation ({err})") from err
     except jinja2.TemplateError as err:
         raise MoechatError(f"chat template failed: {err}") from err
+
+
+def _strftime_now(fmt: str) -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime(str(fmt))

@@ -39,17 +39,18 @@ class HobbitEngine(OffloadEngine):
         total = all_expert_bytes(store)
         budget = (budget_bytes(vram_budget, total) if vram_budget is not None
                   else default_vram_budget(model, self.devices, total))
-        high_budget = int(budget * HIGH_FRACTION)
+        high_budget = int(budget * HIGH_FRACTION) if bits else budget  # none: no low tier
         cache = HobbitCache(high_budget, budget - high_budget, model.args.n_layers, DEFAULT_WEIGHTS)
         routers = stack_routers(model.routers()).to(self.devices.gpu)
         a = model.args
         self.backend = HobbitExperts(store, self.devices, low, cache, routers, a.n_experts,
                                      a.n_experts_used, model.dtype, allow_skip=skip,
-                                     prefetch=prefetch, t1=T1 if t1 is None else t1)
+                                     prefetch=prefetch and bits > 0, t1=T1 if t1 is None else t1)
         model.expert_backend = self.backend
         where = "GPU" if self.devices.has_cuda else "CPU standing in for the GPU"
-        self.placement = (f"expert cache {budget / 1e9:.2f} GB on the {where} "
-                          f"({HIGH_FRACTION:.0%} {expert_type}, rest int{bits}), "
+        tiers = (f"{HIGH_FRACTION:.0%} {expert_type}, rest int{bits}" if bits else
+                 f"all {expert_type}: no low-precision tier, no prefetch")
+        self.placement = (f"expert cache {budget / 1e9:.2f} GB on the {where} ({tiers}), "
                           f"{'skipping unimportant experts' if skip else 'no skipping'}")
         if progress:
             print(f"[hobbit] {self.placement}", file=sys.stderr)

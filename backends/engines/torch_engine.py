@@ -79,7 +79,7 @@ class TorchEngine:
 
         reused = _common_prefix(self.evaluated, tokens)
         reused = min(reused, len(tokens) - 1)  # the last prompt token is evaluated for its logits
-        self.cache.truncate(reused)
+        reused = self.cache.truncate(reused)  # a sliding-window cache may keep less
         t0 = time.perf_counter()
         logits = self.forward(tokens[reused:], reused)[-1]
         prefill_s = time.perf_counter() - t0

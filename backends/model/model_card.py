@@ -32,6 +32,10 @@ MAX_TENSORS = 1_000_000  # more than any real model has, by orders of magnitude
 MAX_KV_PAIRS = 100_000
 
 
+# The torch runtime's sliding-window KV ring holds window + this many positions
+# (backends/runtime/swa_cache.py reads it from here, so the card and the cache agree).
+SWA_CACHE_SLACK = 256
+
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
@@ -154,6 +158,22 @@ class ModelCard:
         if self.is_mla:
             return self.n_layers * self.n_kv_heads * self.head_dim_k * 2
         return self.n_layers * self.n_kv_heads * (self.head_dim_k + self.head_dim_v) * 2
+
+    @property
+    def n_sliding_layers(self) -> int:
+        """Layers with a sliding window: llama.cpp's pattern 2 for gpt-oss (layers 0, 2, ...)."""
+        return (self.n_layers + 1) // 2 if self.sliding_window else 0
+
+    def kv_bytes(self, n_ctx: int, sliding_capped: bool = False) -> int:
+        """KV cache bytes at a context of n_ctx tokens. llama.cpp (llama-cpp-python, which
+        allocates SWA caches full-size) holds every layer for n_ctx tokens; moechat's torch
+        runtime (`sliding_capped`) holds a sliding layer's window plus SWA_CACHE_SLACK slots."""
+        per_layer = self.kv_bytes_per_token // max(1, self.n_layers)
+        if not sliding_capped or not self.sliding_window:
+            return self.kv_bytes_per_token * n_ctx
+        n_slide = self.n_sliding_layers
+        kept = min(n_ctx, self.sliding_window + SWA_CACHE_SLACK)
+        return per_layer * ((self.n_layers - n_slide) * n_ctx + n_slide * kept)
 
     def tensor(self, name: str) -> TensorInfo | None:
         for t in self.tensors:

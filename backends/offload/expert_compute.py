@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from moechat.backends.runtime.experts import gated_ffn
 from moechat.kernels import dequant
-from moechat.kernels.lowbit import LowBitWeight, lowbit_expert
+from moechat.kernels.lowbit import LowBitWeight, lowbit_linear
 
 
 @dataclass(slots=True)
@@ -25,6 +25,8 @@ class DeviceExpert:
     raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 (or float for F16/F32 files)
     types: tuple[str, str, str]
     shapes: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    activation: str = "swiglu"
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # float32 [I], [I], [D] (gpt-oss)
 
     @property
     def nbytes(self) -> int:
@@ -33,7 +35,7 @@ class DeviceExpert:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D] in x's dtype."""
         gate, up, down = (_weight(r, ty, sh, x.dtype) for r, ty, sh in zip(self.raw, self.types, self.shapes))
-        return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+        return gated_ffn(x, gate, up, down, self.activation, self.bias)
 
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -54,11 +56,19 @@ def host_parts(weights) -> list[torch.Tensor]:
 def device_expert(weights, parts: list[torch.Tensor]) -> DeviceExpert:
     """Wrap device tensors holding `weights`' bytes (from a copy or the staging buffer)."""
     ws = (weights.gate, weights.up, weights.down)
-    return DeviceExpert(tuple(parts), tuple(w.type_name for w in ws), tuple(w.shape for w in ws))
+    bias = None if weights.bias is None else tuple(b.to(parts[0].device) for b in weights.bias)
+    return DeviceExpert(tuple(parts), tuple(w.type_name for w in ws), tuple(w.shape for w in ws),
+                        weights.activation, bias)
 
 
-def low_expert_forward(x: torch.Tensor, low: tuple[LowBitWeight, LowBitWeight, LowBitWeight]) -> torch.Tensor:
-    return lowbit_expert(x, *low)
+def low_expert_forward(x: torch.Tensor, low: tuple[LowBitWeight, LowBitWeight, LowBitWeight],
+                       weights=None) -> torch.Tensor:
+    """The low-bit copy of an expert; `weights` (the runtime's ExpertWeights of the same
+    expert) brings its activation and biases — the biases stay full precision (tiny)."""
+    activation, bias = ("swiglu", None) if weights is None else (weights.activation, weights.bias)
+    if bias is not None:
+        bias = tuple(b.to(x.device) for b in bias)
+    return gated_ffn(x, *low, activation, bias, linear=lowbit_linear)
 
 
 def combine(per_slot: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:

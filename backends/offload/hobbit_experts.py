@@ -22,7 +22,7 @@ from moechat.backends.offload.expert_compute import (
     DeviceExpert, combine, device_expert, host_parts, low_expert_forward, token_groups,
 )
 from moechat.backends.offload.hobbit_cache import HobbitCache
-from moechat.backends.offload.hobbit_loading import HIGH, SKIP, T1, T2, per_expert_need, wanted_precision
+from moechat.backends.offload.hobbit_loading import HIGH, LOW, SKIP, T1, T2, per_expert_need, wanted_precision
 from moechat.backends.offload.low_copies import LowCopies
 from moechat.backends.offload.prefetch import MAX_DEPTH, adaptive_targets, predict_experts
 from moechat.backends.offload.stats import OffloadStats
@@ -87,6 +87,8 @@ class HobbitExperts:
         s = self.stats
         self.cache.advance(self.position + t_count - 1, layer)
         need_tok = wanted_precision(gate_weights.float().cpu().numpy(), self.t1, self.t2, self.allow_skip)
+        if not self.low_copies.experts:  # no low tier (--hobbit-low none): what is not skipped is high
+            need_tok[need_tok == LOW] = HIGH
         ids_np = expert_ids.cpu().numpy()
         need = per_expert_need(ids_np, need_tok)
         predicted = None
@@ -112,7 +114,7 @@ class HobbitExperts:
             elif want != HIGH and key in self.low:
                 s.low_hits += len(tok)
                 self.cache.touch(key, False)
-                y[tok, slot] = low_expert_forward(x[tok], self.low[key]).float()
+                y[tok, slot] = low_expert_forward(x[tok], self.low[key], self.store.expert(*key)).float()
             elif want == SKIP:
                 s.skips += len(tok)
                 keep[tok, slot] = False
@@ -124,7 +126,8 @@ class HobbitExperts:
                 s.add_time("copy", time.perf_counter() - t0)
                 self._admit(key, high, value)
                 self.cache.touch(key, high)
-                y[tok, slot] = (value.forward(x[tok]) if high else low_expert_forward(x[tok], value)).float()
+                y[tok, slot] = (value.forward(x[tok]) if high else
+                                low_expert_forward(x[tok], value, self.store.expert(*key))).float()
         s.add_time("experts", time.perf_counter() - start)
         self.cache.release_layer(layer)
         if self.prefetch and t_count == 1:

@@ -2,7 +2,10 @@
 expert, derived once from the file's own experts and cached on disk keyed by the file.
 
 `--hobbit-low auto` picks int4, or int2 when the file's experts are already <= 4-bit
-(the low copy must be meaningfully smaller than what it stands in for).
+(the low copy must be meaningfully smaller than what it stands in for). MXFP4 files
+(gpt-oss, 4.25 bits per weight) get int2 too: 3 bits with its group scale and minimum,
+1.4x fewer bytes per fill. `none` keeps no low tier: every expert is computed in the
+file's own precision (the output is then llama.cpp's).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from moechat.backends.offload.calibration import model_file_key
 from moechat.backends.paths import cache_dir
 from moechat.kernels.lowbit import GROUP, LowBitWeight, quantize_groupwise
 
-LOW_FORMATS = ("auto", "int4", "int2")
+LOW_FORMATS = ("auto", "int4", "int2", "none")
 PROJECTIONS = ("gate", "up", "down")
 LOW_COPY_VERSION = 1
 
@@ -36,7 +39,7 @@ def low_bits(fmt: str, expert_type: str) -> int:
         raise MoechatError(f"unknown --hobbit-low {fmt!r} (choose from {', '.join(LOW_FORMATS)})")
     if fmt == "auto":
         return 2 if expert_bits_per_weight(expert_type) < 5 else 4
-    return int(fmt[3:])
+    return 0 if fmt == "none" else int(fmt[3:])  # 0: no low copies
 
 
 @dataclass(slots=True)
@@ -53,6 +56,8 @@ def low_copy_path(model_path, bits: int) -> Path:
 
 
 def load_or_build(model_path, bits: int, progress: bool = True) -> LowCopies:
+    if bits == 0:
+        return LowCopies(0, {})
     path = low_copy_path(model_path, bits)
     if not path.exists():
         build(model_path, bits, path, progress)

@@ -100,8 +100,11 @@ class Prediction:
 # ---- bytes ----------------------------------------------------------------------------------
 
 
-def kv_bytes(card, n_ctx: int) -> int:
-    return card.kv_bytes_per_token * n_ctx
+def kv_bytes(card, n_ctx: int, placement: "Placement | None" = None) -> int:
+    """The KV cache at n_ctx tokens; the torch engines (fiddler, hobbit placements) keep a
+    sliding-window layer's window only, llama-cpp-python every layer in full."""
+    capped = placement is not None and placement.kind in ("fiddler", "hobbit")
+    return card.kv_bytes(n_ctx, sliding_capped=capped)
 
 
 def kv_read_bytes(card, n_past: int) -> float:
@@ -222,7 +225,7 @@ def on_gpu(card, t, placement: Placement) -> bool:
 
 def memory(card, placement: Placement, n_ctx: int) -> tuple[int, int]:
     """(RAM bytes, VRAM bytes) needed: weights where they live, KV cache and buffers."""
-    kv = kv_bytes(card, n_ctx)
+    kv = kv_bytes(card, n_ctx, placement)
     if placement.kind == "cpu":
         return card.tensor_bytes + kv + compute_buffer_bytes(card) + RUNTIME_OVERHEAD_BYTES, 0
     ram = vram = 0

@@ -10,11 +10,13 @@ from moechat.backends.errors import MoechatError
 
 # llama.cpp's llama_model_rope_type(): NORM rotates adjacent pairs (x0,x1),(x2,x3)...;
 # NEOX rotates (x_i, x_{i+n/2}).
-ROPE_NEOX_ARCHS = ("qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "phimoe")
+ROPE_NEOX_ARCHS = ("qwen2", "qwen2moe", "qwen3", "qwen3moe", "olmoe", "phimoe", "gpt-oss")
 # Whether each architecture renormalises the top-k gate weights to sum to 1 (build_moe_ffn's
 # norm_w argument in llama.cpp's graph for that architecture).
 NORM_TOPK_ARCHS = ("llama", "qwen3moe", "phimoe")
-RUNTIME_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "phimoe")
+RUNTIME_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "phimoe", "gpt-oss")
+# The gated activation between each expert's products (layers.glu), where not SwiGLU.
+EXPERT_ACTIVATION = {"gpt-oss": "swiglu_oai"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,12 @@ class ModelArgs:
     norm_topk: bool
     expert_weights_scale: float  # 0 or 1: none
     attn_scale: float
+    sliding_window: int = 0  # gpt-oss: the even layers attend to this many tokens (0: none)
+    expert_activation: str = "swiglu"  # layers.glu's name
+    # YaRN RoPE (rope.scaling.type "yarn"): the training context and the ramp's bounds
+    rope_yarn_orig_ctx: int = 0  # 0: no YaRN
+    rope_yarn_beta_fast: float = 32.0  # llama.cpp's defaults (its loader reads no key for them)
+    rope_yarn_beta_slow: float = 1.0
 
     def __post_init__(self):
         assert self.n_heads % self.n_kv_heads == 0, (self.n_heads, self.n_kv_heads)
@@ -71,10 +79,12 @@ def model_args(metadata: dict, tensors: dict) -> ModelArgs:
     elif int(get("attention.value_length", head_dim)) != head_dim:
         raise MoechatError(f"{name}: different K and V head sizes are not supported")
     scaling = get("rope.scaling.type", "none")
-    # deepseek2 reads its YaRN itself (runtime/yarn.py); every other non-linear scaling is refused
-    if scaling not in ("none", "linear") and not (scaling == "yarn" and arch == "deepseek2"):
+    # YaRN: deepseek2 builds its own tables (runtime/yarn.py), the others through layers.Rope;
+    # every other non-linear scaling is refused
+    if scaling not in ("none", "linear", "yarn"):
         raise MoechatError(f"{name}: RoPE scaling {scaling!r} is not supported by the torch runtime")
-    factor = float(get("rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
+    factor = float(get("rope.scaling.factor", 1.0) or 1.0) if scaling != "none" else 1.0
+    yarn_ctx = int(get("rope.scaling.original_context_length", 0) or 0)
     n_experts = int(get("expert_count", 0))
     up = tensors.get("blk.0.ffn_up_exps.weight")
     return ModelArgs(
@@ -96,4 +106,7 @@ def model_args(metadata: dict, tensors: dict) -> ModelArgs:
         norm_topk=bool(get("expert_weights_norm", arch in NORM_TOPK_ARCHS)),
         expert_weights_scale=float(get("expert_weights_scale", 0.0) or 0.0),
         attn_scale=float(get("attention.scale", 0.0) or 0.0) or head_dim**-0.5,
+        sliding_window=int(get("attention.sliding_window", 0) or 0),
+        expert_activation=EXPERT_ACTIVATION.get(arch, "swiglu"),
+        rope_yarn_orig_ctx=(yarn_ctx or int(get("context_length", 4096))) if scaling == "yarn" and factor != 1.0 else 0,
     )

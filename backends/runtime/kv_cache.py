@@ -32,6 +32,7 @@ class KVCache:
     def advance(self, end: int) -> None:
         self.length = end
 
-    def truncate(self, length: int) -> None:
-        """Forget positions >= length (later writes overwrite them)."""
+    def truncate(self, length: int) -> int:
+        """Forget positions >= length (later writes overwrite them); returns the positions kept."""
         self.length = min(self.length, length)
+        return self.length

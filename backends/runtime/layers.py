@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from moechat.backends.runtime.gguf_weights import RawTensor
 from moechat.kernels.ggml import GGML_TYPE_F32, CpuBackend, QuantWeight, maybe_repack
-from moechat.kernels.ggml_ops import NormedLinears, QuantLinear
+from moechat.kernels.ggml_ops import OAI_ALPHA, OAI_LIMIT, NormedLinears, QuantLinear
 
 
 class Linear:
@@ -81,10 +81,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Rope:
     """Rotary position embedding as ggml computes it: theta_i = pos * base^(-2i/n), the
     per-dimension factor advanced by float32 multiplication like ggml's rope cache, optional
-    per-frequency divisors (`rope_freqs.weight`) and linear position scaling."""
+    per-frequency divisors (`rope_freqs.weight`) and linear position scaling — or YaRN
+    (`yarn` = (training context, beta_fast, beta_slow)): per dimension a ramp between the
+    scaled and the unscaled angle, and cos/sin times 1 + 0.1 ln(1/scale), as ggml's rope_yarn
+    with llama.cpp's attention factor (which cancels ggml's second application of it)."""
 
     def __init__(self, head_dim: int, rope_dims: int, base: float, neox: bool, max_pos: int,
-                 scale: float = 1.0, freq_factors: np.ndarray | None = None, device="cpu"):
+                 scale: float = 1.0, freq_factors: np.ndarray | None = None, device="cpu",
+                 yarn: tuple[int, float, float] | None = None):
         self.head_dim, self.dims, self.neox = head_dim, rope_dims, neox
         half = rope_dims // 2
         theta_scale = np.float32(base) ** np.float32(-2.0 / rope_dims)
@@ -95,9 +99,16 @@ class Rope:
             theta = theta * theta_scale
         if freq_factors is not None:
             angles = angles / freq_factors.astype(np.float32)[:half]
-        angles = (angles * np.float32(scale)).astype(np.float64)
-        self.cos = torch.from_numpy(np.cos(angles).astype(np.float32)).to(device)  # [S, Dr/2]
-        self.sin = torch.from_numpy(np.sin(angles).astype(np.float32)).to(device)
+        mscale = 1.0
+        if yarn is not None:
+            ramp = _yarn_ramp(rope_dims, base, *yarn)  # [Dr/2]: 1 keeps the unscaled angle
+            angles = (angles * np.float32(scale)) * (1 - ramp) + angles * ramp
+            mscale = float(np.float32(1.0 + 0.1 * np.log(1.0 / scale)))
+        else:
+            angles = angles * np.float32(scale)
+        angles = angles.astype(np.float64)
+        self.cos = torch.from_numpy((np.cos(angles) * mscale).astype(np.float32)).to(device)  # [S, Dr/2]
+        self.sin = torch.from_numpy((np.sin(angles) * mscale).astype(np.float32)).to(device)
         # adjacent pairs rotating every dim are complex numbers times e^(i*angle): one op
         self.turn = torch.complex(self.cos, self.sin) if not neox and rope_dims == head_dim else None
 
@@ -119,6 +130,16 @@ class Rope:
             x0, x1 = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
         return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
+
+
+def _yarn_ramp(dims: int, base: float, orig_ctx: int, beta_fast: float, beta_slow: float) -> np.ndarray:
+    """ggml_rope_yarn_corr_dims and rope_yarn_ramp: [dims/2] float32 mix per rotated pair."""
+    def corr_dim(n_rot):
+        return dims * np.log(orig_ctx / (n_rot * 2 * np.pi)) / (2 * np.log(base))
+
+    lo, hi = max(0.0, np.floor(corr_dim(beta_fast))), min(dims - 1.0, np.ceil(corr_dim(beta_slow)))
+    y = (np.arange(dims // 2, dtype=np.float32) - np.float32(lo)) / np.float32(max(0.001, hi - lo))
+    return (1 - np.clip(y, 0, 1)).astype(np.float32)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
@@ -168,3 +189,17 @@ def attention_batched(q, k, v, start: int, scale: float) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float = OAI_ALPHA, limit: float = OAI_LIMIT) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU, as ggml_swiglu_oai: the gate clamped from above, the up
+    projection to [-limit, limit], and a +1 on it."""
+    g = gate.clamp(max=limit)
+    return g * torch.sigmoid(alpha * g) * (up.clamp(-limit, limit) + 1)
+
+
+def glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated activation between an FFN's products, by name (kernels/ggml_ops.ACTIVATIONS)."""
+    if activation == "swiglu_oai":
+        return swiglu_oai(gate, up)
+    return swiglu(gate, up)

@@ -47,6 +47,8 @@ class LayerWeights:
 
 
 class Model:
+    FFN_NORM = "ffn_norm.weight"  # the norm before the FFN (gpt-oss: post_attention_norm)
+
     def __init__(self, args: ModelArgs, weights: GGUFWeights, experts: ExpertStore,
                  expert_backend: ExpertBackend | None, device: str, dtype: torch.dtype,
                  cpu: CpuBackend | None, max_tokens: int):
@@ -59,8 +61,9 @@ class Model:
         head = "output.weight" if "output.weight" in weights else "token_embd.weight"
         self.output = self.linear(head)
         factors = weights.get("rope_freqs.weight")
+        yarn = (args.rope_yarn_orig_ctx, args.rope_yarn_beta_fast, args.rope_yarn_beta_slow) if args.rope_yarn_orig_ctx else None
         self.rope = Rope(args.head_dim, args.rope_dims, args.rope_base, args.rope_neox, max_tokens,
-                         args.rope_scale, factors.data if factors is not None else None, device)
+                         args.rope_scale, factors.data if factors is not None else None, device, yarn)
 
     # ---- loading --------------------------------------------------------------------------
     # Activations (the residual stream, norms, RoPE, attention) are float32 on every device,
@@ -85,7 +88,7 @@ class Model:
             wk=self.linear(p + "attn_k.weight"),
             wv=self.linear(p + "attn_v.weight"),
             wo=self.linear(p + "attn_output.weight"),
-            ffn_norm=self.tensor(p + "ffn_norm.weight"),
+            ffn_norm=self.tensor(p + self.FFN_NORM),
             router=self.linear(p + "ffn_gate_inp.weight") if moe else None,
             ffn=None if moe else tuple(self.linear(f"{p}ffn_{n}.weight") for n in ("gate", "up", "down")),
             extra=self.load_extra(i),

@@ -50,8 +50,10 @@ class LatentCache:
     def advance(self, end: int) -> None:
         self.length = end
 
-    def truncate(self, length: int) -> None:
+    def truncate(self, length: int) -> int:
+        """Forget positions >= length (later writes overwrite them); returns the positions kept."""
         self.length = min(self.length, length)
+        return self.length
 
 
 def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:

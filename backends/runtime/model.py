@@ -18,7 +18,7 @@ from moechat.kernels.dequant import type_name
 from moechat.kernels.ggml import CpuBackend
 
 ARCH_MODULES = {"llama": "llama", "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe",
-                "deepseek2": "deepseek2", "phimoe": "phimoe"}
+                "deepseek2": "deepseek2", "phimoe": "phimoe", "gpt-oss": "gpt_oss"}
 
 Model = importlib.import_module("moechat.backends.runtime.llama").Model
 
@@ -46,7 +46,7 @@ def load_model(path, device: str = "cpu", dtype: torch.dtype | None = None, thre
     assert kernels in ("ggml", "torch"), kernels
     dtype = dtype or (torch.float32 if device == "cpu" else torch.float16)
     cpu = CpuBackend(threads or default_threads())
-    store = ExpertStore(weights, args.n_layers, args.n_experts)
+    store = ExpertStore(weights, args.n_layers, args.n_experts, args.expert_activation)
     if expert_backend is None and args.is_moe:
         expert_backend = GgmlExperts(store, cpu) if kernels == "ggml" else TorchExperts(store, device, dtype)
     module = importlib.import_module(f"moechat.backends.runtime.{ARCH_MODULES[args.arch]}")
