@@ -14,7 +14,7 @@ from moechat.backends.plan.cost_model import RUNTIME_OVERHEAD_BYTES
 from moechat.backends.errors import MoechatError
 from moechat.backends.model.model_card import ModelCard
 
-ENGINES = ("auto", "llama.cpp", "torch", "fiddler", "hobbit")
+ENGINES = ("auto", "llama.cpp", "torch", "fiddler", "hobbit", "stream")
 GIB = 1024**3
 
 
@@ -82,6 +82,7 @@ def open_engine(
     vram_budget: str | None = None,
     hobbit_low: str = "auto",
     skip: bool = False,
+    ram_budget: str | None = None,
 ):
     """Open the engine the user asked for, or the planner's choice for this machine ("auto").
 
@@ -90,6 +91,8 @@ def open_engine(
     if engine not in ENGINES:
         raise MoechatError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     n_ctx = n_ctx or default_context(card)
+    if engine == "stream" or (engine == "auto" and not force and _streams(card, n_ctx, n_cpu_moe)):
+        return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget)
     if not force:
         check_fits(card, n_ctx)
     if engine == "auto" and n_cpu_moe is None:
@@ -119,6 +122,38 @@ def open_engine(
         return _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget,
                                     hobbit_low, skip)
     raise MoechatError(f"the {engine} engine is not available in this build yet")
+
+
+def _streams(card: ModelCard, n_ctx: int, n_cpu_moe) -> bool:
+    """auto: an MoE model that does not fit in RAM (+ VRAM) streams its experts from disk."""
+    if not card.is_moe or n_cpu_moe is not None:
+        return False
+    try:
+        check_fits(card, n_ctx)
+    except MoechatError:
+        return True
+    return False
+
+
+def _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget):
+    """Experts streamed from disk into a RAM cache (backends/engines/stream_engine.py)."""
+    from moechat.backends.offload.budget import parse_budget
+    from moechat.backends.plan.streamed import share_base
+
+    if n_cpu_moe is not None:
+        raise MoechatError("--n-cpu-moe is a llama.cpp engine option; the stream engine places experts itself")
+    if not card.is_moe:
+        raise MoechatError(f"the stream engine streams experts; {card.name} has none")
+    budget = None
+    if ram_budget is not None:
+        try:
+            kind, value = parse_budget(ram_budget)
+        except ValueError as err:
+            raise MoechatError(f"--ram-budget: {err}") from None
+        budget = int(value * share_base()) if kind == "share" else int(value)
+    from moechat.backends.engines.stream_engine import StreamEngine
+
+    return StreamEngine(card, n_ctx=n_ctx, threads=threads, ram_budget=budget)
 
 
 def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, hobbit_low, skip):
