@@ -9,6 +9,7 @@ cache (backends/plan/streamed.py sizes it, the same arithmetic the planner predi
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -21,9 +22,11 @@ class StreamEngine(OffloadEngine):
     name = "stream"
 
     def __init__(self, card: ModelCard, n_ctx=None, threads=None, ram_budget: int | None = None,
-                 policy: str = "hobbit", prefetch: bool = True, progress: bool = True):
+                 policy: str = "hobbit", prefetch: bool = True, progress: bool = True,
+                 max_slots: int | None = None, direct: bool | None = None):
         """ram_budget: bytes the process may use in all (None: what the machine and its memory
-        cgroup allow, minus headroom)."""
+        cgroup allow, minus headroom); max_slots caps the experts cached per layer (tests,
+        benchmarks); direct: force O_DIRECT on/off (None: where the filesystem allows)."""
         import psutil
 
         from moechat.backends.offload.disk_experts import DiskExperts
@@ -40,9 +43,11 @@ class StreamEngine(OffloadEngine):
             ram_budget, bound = default_process_budget(held)
         biggest = max(store.expert(l, 0).gate.nbytes for l in store.layers)
         biggest = max(biggest, max(store.expert(l, 0).down.nbytes for l in store.layers))
-        self.reader = DiskReader(card.path, READ_THREADS, max_read=biggest)
+        self.reader = DiskReader(card.path, READ_THREADS, max_read=biggest, direct=direct)
         kv = self.cache.k.nbytes + self.cache.v.nbytes
         self.sizing = size_stream(card, ram_budget, held, kv, self.reader.buffer_bytes)
+        if max_slots is not None:
+            self.sizing = dataclasses.replace(self.sizing, slots=min(self.sizing.slots, max_slots))
         if not self.sizing.runs:
             self.reader.close()
             raise MoechatError(self.sizing.refusal(card.name))
