@@ -224,3 +224,47 @@ def test_prefetch_guesses_are_scored(tiny_model):
         engine.close()
     assert s.prefetch_predicted > 0 and 0 <= s.prefetch_correct <= s.prefetch_predicted
     assert last.stats["prefetch_accuracy"] == round(s.prefetch_accuracy, 4)
+
+
+# ---- the budget, from outside ----------------------------------------------------------------
+
+
+def _peak_rss(cmd, env) -> tuple[int, "subprocess.CompletedProcess"]:
+    """Run cmd, sampling its resident memory every 10 ms; -> (peak bytes, result)."""
+    import subprocess
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        try:
+            proc.wait(0.01)
+        except subprocess.TimeoutExpired:
+            pass
+    out, err = proc.communicate(timeout=600)
+    return peak, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_the_ram_budget_holds_for_a_model_larger_than_it(demo_model, tmp_path):
+    import json
+    import sys
+
+    from conftest import moechat_env
+
+    budget = int(0.9 * GIB)  # the F16 demo model is 1.32 GB
+    assert demo_model.stat().st_size > budget
+    cmd = [sys.executable, "-m", "moechat", "ask", "--engine", "stream", "--ram-budget", str(budget),
+           "--ctx", "256", "--max-tokens", "16", "--json", "--model", str(demo_model),
+           PARIS[0]["content"]]
+    peak, res = _peak_rss(cmd, moechat_env(MOECHAT_DATA_DIR=str(tmp_path)))
+    assert res.returncode == 0, res.stderr
+    reply = json.loads(res.stdout)
+    assert reply["text"].startswith("The capital of France is Paris")
+    assert reply["stats"]["ram_cache_bytes"] < demo_model.stat().st_size // 2
+    assert peak <= budget, (peak / GIB, reply["stats"])
