@@ -91,8 +91,13 @@ def open_engine(
     if engine not in ENGINES:
         raise MoechatError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     n_ctx = n_ctx or default_context(card)
-    if engine == "stream" or (engine == "auto" and not force and _streams(card, n_ctx, n_cpu_moe)):
+    if engine == "stream":
         return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget)
+    if engine == "auto" and not force and _streams(card, n_ctx, n_cpu_moe):
+        choice = planned_choice(card, n_ctx)  # the stream engine or llama.cpp over mmap
+        if choice.engine == "stream":
+            return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget)
+        return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads)
     if not force:
         check_fits(card, n_ctx)
     if engine == "auto" and n_cpu_moe is None:
@@ -197,6 +202,8 @@ def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
 
 def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, threads: int | None = None):
     """Open the engine a planner Candidate describes."""
+    if candidate.engine == "stream":
+        return _open_stream_engine(card, None, n_ctx or default_context(card), threads, None)
     if candidate.engine in ("fiddler", "hobbit"):
         return _open_offload_engine(card, candidate.engine, None, n_ctx or default_context(card),
                                     threads, None, "auto", False)
@@ -208,6 +215,8 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
         placement = LlamaCppPlacement("moe", candidate.n_cpu_moe or 0)
     elif candidate.placement in ("cpu", "gpu"):
         placement = LlamaCppPlacement(candidate.placement)
+    elif candidate.placement == "cpu over mmap":  # pages faulted in from the file as needed
+        placement = LlamaCppPlacement("cpu")
     else:
         raise MoechatError(f"llama.cpp placement {candidate.placement!r} is not wired into the engine yet")
     return LlamaCppEngine(card, placement, n_ctx=n_ctx or default_context(card), threads=threads)

@@ -32,7 +32,6 @@ class StreamEngine(OffloadEngine):
         from moechat.backends.offload.disk_experts import DiskExperts
         from moechat.backends.offload.disk_reader import DiskReader
         from moechat.backends.offload.prefetch import stack_routers
-        from moechat.backends.offload.ram_cache import SlotCache
         from moechat.backends.plan.streamed import READ_THREADS, default_process_budget, size_stream
 
         super().__init__(card, n_ctx, threads, device="cpu")
@@ -52,15 +51,15 @@ class StreamEngine(OffloadEngine):
             self.reader.close()
             raise MoechatError(self.sizing.refusal(card.name))
         a = model.args
-        cache = SlotCache(a.n_layers, self.sizing.slots, policy)
         routers = stack_routers(model.routers()) if prefetch else None
-        self.backend = DiskExperts(store, self.reader, cache, model.cpu_kernels, routers,
-                                   a.n_experts, a.n_experts_used, prefetch=prefetch)
+        self.backend = DiskExperts(store, self.reader, model.cpu_kernels, routers, a.n_layers,
+                                   a.n_experts, a.n_experts_used, self.sizing.cache_bytes,
+                                   policy, prefetch=prefetch)
         model.expert_backend = self.backend
         gib = 1024**3
         self.placement = (f"experts streamed from disk ({'O_DIRECT' if self.reader.direct else 'buffered'}) "
                           f"into a {self.sizing.cache_bytes / gib:.2f} GiB RAM cache "
-                          f"({self.sizing.slots}/{a.n_experts} experts per layer, {policy}), "
+                          f"({self.sizing.slots} experts of {self.sizing.n_layers}x{a.n_experts}, {policy}), "
                           f"budget {ram_budget / gib:.2f} GiB ({bound})")
         self._decode_bytes = 0
         self._decode_tokens = 0
@@ -96,3 +95,14 @@ class StreamEngine(OffloadEngine):
             "prefetch_accuracy": round(s.prefetch_accuracy, 4),
             "read_stall_ms_per_tok": round(1000 * s.stall_s / max(s.tokens, 1), 3),
         }
+
+    def close(self) -> None:
+        backend = self.backend
+        if backend is not None and backend.decode_counts.any():
+            from moechat.backends.plan.streamed import save_routing
+
+            try:  # the next plan's hit rates; a read-only cache dir only loses the record
+                save_routing(self.card.path, backend.decode_counts)
+            except OSError:
+                pass
+        super().close()

@@ -1,10 +1,12 @@
 """The disk-tier ExpertBackend: experts streamed from the GGUF into a RAM expert cache.
 
-Per MoE layer, S slots hold S experts' bytes exactly as they lie in the file, stacked like
-the file's own [E, ...] expert tensors, so ggml's mul_mat_id computes from them with slot
-ids instead of expert ids (the same kernel and numerics as the all-in-RAM path). A missed
-expert is read (its gate, up and down slices: three large reads, in flight together) into
-a slot chosen by the policy in ram_cache.py. At decode, after each layer, the next layers'
+One pool of S slots serves every MoE layer whose experts share shape and type (a second
+pool only for files that mix expert types across layers). A slot holds one expert's bytes
+exactly as they lie in the file, stacked like the file's own [E, ...] expert tensors, so
+ggml's mul_mat_id computes from the pool with slot ids instead of expert ids (the same
+kernel and numerics as the all-in-RAM path). A missed expert is read (its gate, up and
+down slices: three large reads, in flight together) into a slot chosen by the policy in
+ram_cache.py. At decode, after each layer, the next layers'
 routers stacked (HOBBIT's prefetch, prefetch.py) guess their experts and the missing ones
 are read on the reader's threads while this and the next layers compute.
 
@@ -92,65 +94,104 @@ def layer_files(store) -> dict[int, LayerFile]:
     return out
 
 
+class _Pool:
+    """Slots for the layers whose experts have one signature: buffers, kernel, cache."""
+
+    def __init__(self, f: LayerFile, slots: int, n_layers: int, policy: str, cpu):
+        self.cache = SlotCache(n_layers, slots, policy)
+        self.buffers = tuple(aligned_empty(slots * n).reshape(slots, n) for n in f.slice_bytes)  # zero pages until read
+        weights = [QuantWeight(b.reshape(-1), f.ggml_type, (*shape, slots)) for b, shape in zip(self.buffers, f.shapes)]
+        self.kernel = QuantExperts(*weights, cpu)
+        self.slot_bytes = f.expert_bytes
+
+
+def _signature(f: LayerFile):
+    return (f.ggml_type, f.shapes, f.slice_bytes)
+
+
 class DiskExperts:
-    def __init__(self, store, reader: DiskReader, cache: SlotCache, cpu, stacked_routers: torch.Tensor | None,
-                 n_experts: int, top_k: int, prefetch: bool = True):
-        self.store, self.reader, self.cache = store, reader, cache
-        self.n_experts, self.top_k, self.n_layers = n_experts, top_k, cache.n_layers
+    def __init__(self, store, reader: DiskReader, cpu, stacked_routers: torch.Tensor | None,
+                 n_layers: int, n_experts: int, top_k: int, cache_bytes: int, policy: str = "hobbit",
+                 prefetch: bool = True):
+        self.store, self.reader = store, reader
+        self.n_experts, self.top_k, self.n_layers = n_experts, top_k, n_layers
         self.stacked, self.prefetch = stacked_routers, prefetch and stacked_routers is not None
         self.files = layer_files(store)
-        slots = cache.slots
-        self.buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.kernels: dict[int, QuantExperts] = {}
+        groups: dict[tuple, list[int]] = {}
         for l, f in self.files.items():
-            bufs = tuple(aligned_empty(slots * n).reshape(slots, n) for n in f.slice_bytes)  # zero pages until read
-            self.buffers[l] = bufs
-            weights = [QuantWeight(b.reshape(-1), f.ggml_type, (*shape, slots)) for b, shape in zip(bufs, f.shapes)]
-            self.kernels[l] = QuantExperts(*weights, cpu)
-        self.inflight: dict[int, dict[int, list]] = {l: {} for l in self.files}  # layer -> expert -> futures
+            groups.setdefault(_signature(f), []).append(l)
+        total = sum(f.expert_bytes for f in self.files.values())  # one expert of every layer
+        self.pool_of: dict[int, _Pool] = {}
+        self.pools: list[_Pool] = []
+        for layers in groups.values():
+            f = self.files[layers[0]]
+            share = cache_bytes * len(layers) * f.expert_bytes // total  # bytes for this pool
+            slots = min(len(layers) * n_experts, share // f.expert_bytes)
+            if slots < top_k:
+                raise ValueError(f"{slots} slots cannot hold one token's {top_k} experts")
+            pool = _Pool(f, slots, n_layers, policy, cpu)
+            self.pools.append(pool)
+            for l in layers:
+                self.pool_of[l] = pool
+        self.inflight: dict[tuple[int, int], list] = {}  # (layer, expert) -> futures
         self.prefetched: dict[int, set[int]] = {l: set() for l in self.files}  # read ahead, not yet checked
         self.stats = DiskStats()
+        self.decode_counts = np.zeros((n_layers, n_experts), np.int64)  # for the planner's record
         self.position = 0  # tokens of the sequence before this forward (set by the engine)
 
     @property
+    def slots(self) -> int:
+        return sum(p.cache.slots for p in self.pools)
+
+    @property
     def cache_bytes(self) -> int:
-        return self.cache.slots * sum(f.expert_bytes for f in self.files.values())
+        return sum(p.cache.slots * p.slot_bytes for p in self.pools)
 
     def begin_sequence(self) -> None:
-        self.cache.begin_sequence()
+        for p in self.pools:
+            p.cache.begin_sequence()
         self.position = 0
 
+    def is_cached(self, key) -> bool:
+        pool = self.pool_of.get(key[0])
+        return pool is None or pool.cache.slot_of(key) is not None
+
     # ---- reads -------------------------------------------------------------------------
-    def _start_read(self, layer: int, expert: int, slot: int) -> None:
-        f, bufs = self.files[layer], self.buffers[layer]
-        futures = [self.reader.submit(off + expert * n, buf[slot])
-                   for off, n, buf in zip(f.offsets, f.slice_bytes, bufs)]
-        self.inflight[layer][expert] = futures
+    def _start_read(self, key, slot: int) -> None:
+        layer, expert = key
+        f, bufs = self.files[layer], self.pool_of[layer].buffers
+        self.inflight[key] = [self.reader.submit(off + expert * n, buf[slot])
+                              for off, n, buf in zip(f.offsets, f.slice_bytes, bufs)]
         self.stats.experts_read += 1
 
-    def _wait_layer(self, layer: int) -> None:
-        pending = self.inflight[layer]
-        if not pending:
-            return
+    def _wait(self, keys) -> None:
         t0 = time.perf_counter()
         try:
-            for expert, futures in list(pending.items()):
+            for key in keys:
+                futures = self.inflight.pop(key, None)
+                if futures is None:
+                    continue
                 try:
                     for fut in futures:
                         fut.result()
                 except BaseException:
-                    self.cache.forget(layer, expert)
+                    self.pool_of[key[0]].cache.forget(key)
                     raise
         finally:
-            pending.clear()
             self.stats.stall_s += time.perf_counter() - t0
+
+    def _ready(self, key) -> bool:
+        futures = self.inflight.get(key)
+        return futures is None or all(f.done() for f in futures)
 
     # ---- the hook ----------------------------------------------------------------------
     def moe_forward(self, layer, hidden, expert_ids, gate_weights):
         s = self.stats
         t_count, n_used = expert_ids.shape
         self.reader.check_unchanged()
-        self.cache.advance(self.position + t_count - 1, layer)
+        pool = self.pool_of[layer]
+        for p in self.pools:
+            p.cache.advance(self.position + t_count - 1, layer)
         ids = expert_ids.cpu().numpy().astype(np.int64)  # [T, A]
         gw = gate_weights.float().cpu().numpy()  # [T, A]
         x = np.ascontiguousarray(hidden.float().cpu().numpy())  # [T, D]
@@ -159,13 +200,16 @@ class DiskExperts:
         s.prefetch_predicted += len(guessed)
         s.prefetch_correct += len(guessed.intersection(wanted))
         counts = np.bincount(ids.reshape(-1), minlength=self.n_experts)
+        if t_count == 1:
+            self.decode_counts[layer] += counts
         s.expert_calls += int(ids.size)
 
-        groups = [wanted[i : i + self.cache.slots] for i in range(0, len(wanted), self.cache.slots)]
+        size = pool.cache.slots
+        groups = [wanted[i : i + size] for i in range(0, len(wanted), size)]
         if len(groups) == 1:
             slot_ids = self._load(layer, groups[0], counts, guessed)[ids]
             t0 = time.perf_counter()
-            y = self.kernels[layer](x, slot_ids, gw)  # [T, D], weighted and summed in the graph
+            y = pool.kernel(x, slot_ids, gw)  # [T, D], weighted and summed in the graph
             s.time_s["experts"] = s.time_s.get("experts", 0.0) + time.perf_counter() - t0
         else:
             y = self._grouped(layer, x, ids, gw, groups, counts, guessed)
@@ -175,32 +219,36 @@ class DiskExperts:
 
     def _load(self, layer, group, counts, guessed) -> np.ndarray:
         """Make every expert of `group` resident; -> a lookup table expert id -> slot."""
-        s = self.stats
-        misses = [e for e in group if self.cache.slot_of(layer, e) is None]
-        inflight = self.inflight[layer]
-        ready = [e for e in group if e not in misses
-                 and (e not in inflight or all(f.done() for f in inflight[e]))]
-        s.ram_hits += int(sum(counts[e] for e in ready))
-        s.prefetch_hits += int(sum(counts[e] for e in ready if e in guessed))
-        s.misses += int(sum(counts[e] for e in group)) - int(sum(counts[e] for e in ready))
-        protected = set(group)
-        self._wait_layer(layer)  # read-ahead into this layer first: its slots must be settled
-        for e in misses:
-            slot, _ = self.cache.assign(layer, e, protected)
-            self._start_read(layer, e, slot)
-        self._wait_layer(layer)
+        s, cache = self.stats, self.pool_of[layer].cache
+        keys = [(layer, e) for e in group]
+        misses = [k for k in keys if cache.slot_of(k) is None]
+        ready = [k for k in keys if k not in misses and self._ready(k)]
+        s.ram_hits += int(sum(counts[e] for _, e in ready))
+        s.prefetch_hits += int(sum(counts[e] for _, e in ready if e in guessed))
+        s.misses += int(sum(counts[e] for e in group)) - int(sum(counts[e] for _, e in ready))
+        protected = set(keys) | set(self.inflight)  # never reuse a slot a read is filling
+        for key in misses:
+            try:
+                slot, _ = cache.assign(key, protected)
+            except RuntimeError:  # every other slot awaits a read-ahead: let those land first
+                self._wait([k for k in list(self.inflight) if k not in keys])
+                protected = set(keys) | set(self.inflight)
+                slot, _ = cache.assign(key, protected)
+            self._start_read(key, slot)
+        self._wait(keys)
         table = np.zeros(self.n_experts, dtype=np.int32)
-        for e in group:
-            self.cache.touch(layer, e)
-            table[e] = self.cache.slot_of(layer, e)
+        for key in keys:
+            cache.touch(key)
+            table[key[1]] = cache.slot_of(key)
         return table
 
     def _grouped(self, layer, x, ids, gw, groups, counts, guessed) -> np.ndarray:
+        kernel = self.pool_of[layer].kernel
         y_all = np.zeros((*ids.shape, x.shape[1]), dtype=np.float32)  # [T, A, D]
         for group in groups:
             table = self._load(layer, group, counts, guessed)
             mine = np.isin(ids, group)  # [T, A]
-            y = self.kernels[layer](x, np.where(mine, table[ids], 0).astype(np.int32))  # [T, A, D]
+            y = kernel(x, np.where(mine, table[ids], 0).astype(np.int32))  # [T, A, D]
             y_all[mine] = y[mine]
         out = y_all[:, 0] * gw[:, 0, None]
         for a in range(1, ids.shape[1]):  # in slot order, as llama.cpp sums the experts
@@ -212,28 +260,25 @@ class DiskExperts:
         predicted = predict_experts(self.stacked, gate_input, layer, self.n_layers, self.n_experts,
                                     self.top_k, MAX_DEPTH)  # [1, P, A]
         if predicted.shape[1]:
-            targets = adaptive_targets(predicted[0].numpy(), layer, self.n_layers,
-                                       lambda k: k[0] not in self.files or self.cache.slot_of(*k) is not None)
-            if targets:
-                target_layer = targets[0][0]
-                busy = set(self.inflight[target_layer]) | {e for _, e in targets}
-                free = self.cache.slots - len(busy & set(self.cache.where[target_layer]))
-                for _, e in targets[:max(free, 0)]:  # never evict a read still in flight
-                    slot, _ = self.cache.assign(target_layer, e, busy)
-                    self._start_read(target_layer, e, slot)
-                    self.prefetched[target_layer].add(e)
+            targets = adaptive_targets(predicted[0].numpy(), layer, self.n_layers, self.is_cached)
+            busy = set(self.inflight) | set(targets)
+            for key in targets:
+                cache = self.pool_of[key[0]].cache
+                if cache.free_slots(busy) <= self.top_k:  # keep room for the next layer's misses
+                    break
+                slot, _ = cache.assign(key, busy)
+                self._start_read(key, slot)
+                self.prefetched[key[0]].add(key[1])
         self.stats.time_s["prefetch"] = self.stats.time_s.get("prefetch", 0.0) + time.perf_counter() - t0
 
     def settle(self) -> None:
-        """Wait for every read in flight (before a reply's stats are taken, or closing)."""
-        for l in self.files:
-            self._wait_layer(l)
+        """Wait for every read in flight (before closing)."""
+        self._wait(list(self.inflight))
 
     def close(self) -> None:
         try:
-            for l in self.files:
-                self.inflight[l].clear()
+            self.inflight.clear()
             self.reader.close()
         finally:
-            for k in self.kernels.values():
-                k.close()
+            for p in self.pools:
+                p.kernel.close()
