@@ -202,7 +202,7 @@ def _record_path(model_path: str):
 
     st = os.stat(model_path)
     key = hashlib.sha1(f"{os.path.abspath(model_path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "routing" / f"{key}.json"
+    return cache_dir() / "stream" / "routing" / f"{key}.json"
 
 
 def save_routing(model_path: str, counts) -> None:
