@@ -75,6 +75,7 @@ def child_stream(model: str, tokens: int, replies: int, engine_name: str, budget
 
 def child_mmap(model: str, tokens: int) -> dict:
     import llama_cpp
+    import numpy as np
 
     default_params = llama_cpp.llama_model_default_params
 
@@ -96,7 +97,8 @@ def child_mmap(model: str, tokens: int) -> dict:
     io1 = _io_read_bytes()
     ids, t1 = [], time.perf_counter()
     for _ in range(tokens):
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))  # the last token's
+        tok = int(logits.argmax())
         ids.append(tok)
         llm.eval([tok])
     decode_s = time.perf_counter() - t1
@@ -195,7 +197,8 @@ def main() -> int:
                 print(f"{label:>10} {side:<15} {r['error']}")
                 continue
             rep = r["replies"][0]
-            per_tok = rep["io_bytes"] / max(rep["decoded"], 1)
+            per_tok = (rep["stats"]["disk_bytes_per_tok"] if side == "stream"
+                       else rep["io_bytes"] / max(rep["decoded"], 1))  # decode only, both sides
             gbs = rep["stats"]["read_gb_s"] if side == "stream" else 0.0
             limit_tok_s = 1.0 / (per_tok / (disk.large_gbs * 1e9) + compute_s)
             n = min(len(rep["token_ids"]), len(want))

@@ -270,3 +270,20 @@ def test_the_ram_budget_holds_for_a_model_larger_than_it(demo_model, tmp_path):
     assert reply["text"].startswith("The capital of France is Paris")
     assert reply["stats"]["ram_cache_bytes"] < demo_model.stat().st_size // 2
     assert peak <= budget, (peak / GIB, reply["stats"])
+
+
+@pytest.mark.parametrize("budget, message", [("100MB", "cannot run in 0.09 GiB"),
+                                             ("lots", "--ram-budget: not a size")])
+def test_ask_with_a_budget_that_cannot_hold_it_is_one_line_and_exit_2(tiny_model, tmp_path, budget, message):
+    import subprocess
+    import sys
+
+    from conftest import moechat_env
+
+    cmd = [sys.executable, "-m", "moechat", "ask", "--engine", "stream", "--ram-budget", budget,
+           "--model", str(tiny_model("llama-moe", "F32")), "hello"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=moechat_env(MOECHAT_DATA_DIR=str(tmp_path)))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr
