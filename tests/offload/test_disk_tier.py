@@ -257,14 +257,12 @@ def test_the_ram_budget_holds_for_a_model_larger_than_it(demo_model, tmp_path):
     import json
     import sys
 
-    from conftest import moechat_env
-
     budget = int(0.9 * GIB)  # the F16 demo model is 1.32 GB
     assert demo_model.stat().st_size > budget
     cmd = [sys.executable, "-m", "moechat", "ask", "--engine", "stream", "--ram-budget", str(budget),
            "--ctx", "256", "--max-tokens", "16", "--json", "--model", str(demo_model),
            PARIS[0]["content"]]
-    peak, res = _peak_rss(cmd, moechat_env(MOECHAT_DATA_DIR=str(tmp_path)))
+    peak, res = _peak_rss(cmd, dict(os.environ, MOECHAT_DATA_DIR=str(tmp_path)))
     assert res.returncode == 0, res.stderr
     reply = json.loads(res.stdout)
     assert reply["text"].startswith("The capital of France is Paris")
@@ -278,12 +276,10 @@ def test_ask_with_a_budget_that_cannot_hold_it_is_one_line_and_exit_2(tiny_model
     import subprocess
     import sys
 
-    from conftest import moechat_env
-
     cmd = [sys.executable, "-m", "moechat", "ask", "--engine", "stream", "--ram-budget", budget,
            "--model", str(tiny_model("llama-moe", "F32")), "hello"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env=moechat_env(MOECHAT_DATA_DIR=str(tmp_path)))
+                         env=dict(os.environ, MOECHAT_DATA_DIR=str(tmp_path)))
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr
