@@ -6,9 +6,9 @@ exactly as they lie in the file, stacked like the file's own [E, ...] expert ten
 ggml's mul_mat_id computes from the pool with slot ids instead of expert ids (the same
 kernel and numerics as the all-in-RAM path). A missed expert is read (its gate, up and
 down slices: three large reads, in flight together) into a slot chosen by the policy in
-ram_cache.py. At decode, after each layer, the next layers'
-routers stacked (HOBBIT's prefetch, prefetch.py) guess their experts and the missing ones
-are read on the reader's threads while this and the next layers compute.
+ram_cache.py. At decode, after each layer, the next layers' routers stacked (HOBBIT's
+prefetch, prefetch.py) guess their experts, and the missing ones are read on the reader's
+threads while this and the next layers compute (always leaving top-k slots unprotected).
 
 A step whose unique experts outnumber the slots (a long prefill) runs in groups of S:
 each group's experts are loaded, the layer's products computed, and the group's results
