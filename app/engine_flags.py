@@ -20,6 +20,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram-budget", metavar="SIZE",
                         help="GPU memory for experts, e.g. 6GiB or 50%% of the experts "
                              "(fiddler, hobbit engines; default: what is free)")
+    parser.add_argument("--ram-budget", metavar="SIZE|PCT",
+                        help="memory the whole process may use, e.g. 2GiB or 50%% of RAM (or of "
+                             "the memory cgroup's limit); the stream engine sizes its expert "
+                             "cache to it (default: what is available, minus headroom)")
     parser.add_argument("--hobbit-low", choices=("auto", "int4", "int2", "none"), default="auto",
                         help="low-precision expert format (hobbit engine; auto: int2 if the "
                              "file is already <= 4-bit, else int4; none: no low tier)")
@@ -42,4 +46,4 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """The parsed engine flags as keyword arguments of manager.open_engine (minus the card)."""
     return dict(engine=args.engine, n_cpu_moe=args.n_cpu_moe, n_ctx=args.ctx, threads=args.threads,
                 force=args.force, vram_budget=args.vram_budget, hobbit_low=args.hobbit_low,
-                skip=args.skip, workers=args.workers)
+                skip=args.skip, workers=args.workers, ram_budget=args.ram_budget)

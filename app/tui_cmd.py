@@ -34,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
         card = read_model_card(resolve_model(args.model))
         if not args.force:  # so is a model this machine (or its memory cgroup) cannot hold
-            from moechat.backends.manager import check_fits, default_context
+            from moechat.backends.manager import check_openable, default_context
 
-            check_fits(card, args.ctx or default_context(card))
+            check_openable(card, args.ctx or default_context(card), args.engine, args.n_cpu_moe)
     history = History()  # likewise an unreadable history file
 
     from moechat.app.tui.app import MoechatApp

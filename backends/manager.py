@@ -14,7 +14,7 @@ from moechat.backends.plan.cost_model import RUNTIME_OVERHEAD_BYTES
 from moechat.backends.errors import MoechatError
 from moechat.backends.model.model_card import ModelCard
 
-ENGINES = ("auto", "llama.cpp", "torch", "fiddler", "hobbit")
+ENGINES = ("auto", "llama.cpp", "torch", "fiddler", "hobbit", "stream")
 GIB = 1024**3
 
 
@@ -84,6 +84,7 @@ def open_engine(
     skip: bool = False,
     ui: bool = False,
     workers: str | None = None,
+    ram_budget: str | None = None,
 ):
     """Open the engine the user asked for, or the planner's choice for this machine ("auto").
 
@@ -96,6 +97,13 @@ def open_engine(
     n_ctx = n_ctx or default_context(card)
     if workers:
         return _open_with_workers(card, workers, engine, n_cpu_moe, n_ctx, threads, force)
+    if engine == "stream":
+        return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget)
+    if engine == "auto" and not force and _streams(card, n_ctx, n_cpu_moe):
+        choice = planned_choice(card, n_ctx)  # the stream engine or llama.cpp over mmap
+        if choice.engine == "stream":
+            return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget)
+        return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads)
     if not force:
         check_fits(card, n_ctx)
     if engine == "auto" and n_cpu_moe is None:
@@ -128,6 +136,47 @@ def open_engine(
         return _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget,
                                     hobbit_low, skip)
     raise MoechatError(f"the {engine} engine is not available in this build yet")
+
+
+def check_openable(card: ModelCard, n_ctx: int, engine: str = "auto", n_cpu_moe=None) -> None:
+    """What open_engine would refuse for memory, said before a chat screen opens: a model that
+    does not fit is refused, unless "auto"/"stream" can stream its experts from disk."""
+    if engine in ("auto", "stream") and _streams(card, n_ctx, n_cpu_moe):
+        planned_choice(card, n_ctx)  # NoFitError (one line) when not even streaming fits
+        return
+    check_fits(card, n_ctx)
+
+
+def _streams(card: ModelCard, n_ctx: int, n_cpu_moe) -> bool:
+    """auto: an MoE model that does not fit in RAM (+ VRAM) streams its experts from disk."""
+    if not card.is_moe or n_cpu_moe is not None:
+        return False
+    try:
+        check_fits(card, n_ctx)
+    except MoechatError:
+        return True
+    return False
+
+
+def _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget):
+    """Experts streamed from disk into a RAM cache (backends/engines/stream_engine.py)."""
+    from moechat.backends.offload.budget import parse_budget
+    from moechat.backends.plan.streamed import share_base
+
+    if n_cpu_moe is not None:
+        raise MoechatError("--n-cpu-moe is a llama.cpp engine option; the stream engine places experts itself")
+    if not card.is_moe:
+        raise MoechatError(f"the stream engine streams experts; {card.name} has none")
+    budget = None
+    if ram_budget is not None:
+        try:
+            kind, value = parse_budget(ram_budget)
+        except ValueError as err:
+            raise MoechatError(f"--ram-budget: {err}") from None
+        budget = int(value * share_base()) if kind == "share" else int(value)
+    from moechat.backends.engines.stream_engine import StreamEngine
+
+    return StreamEngine(card, n_ctx=n_ctx, threads=threads, ram_budget=budget)
 
 
 def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, hobbit_low, skip):
@@ -211,6 +260,8 @@ def planned_choice(card: ModelCard, n_ctx: int, force: bool = False):
 def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, threads: int | None = None,
                          ui: bool = False):
     """Open the engine a planner Candidate describes."""
+    if candidate.engine == "stream":
+        return _open_stream_engine(card, None, n_ctx or default_context(card), threads, None)
     if candidate.engine in ("fiddler", "hobbit"):
         return _open_offload_engine(card, candidate.engine, None, n_ctx or default_context(card),
                                     threads, None, "auto", False)
@@ -228,6 +279,8 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
         placement = LlamaCppPlacement("moe", candidate.n_cpu_moe or 0)
     elif candidate.placement in ("cpu", "gpu"):
         placement = LlamaCppPlacement(candidate.placement)
+    elif candidate.placement == "cpu over mmap":  # pages faulted in from the file as needed
+        placement = LlamaCppPlacement("cpu")
     else:
         raise MoechatError(f"llama.cpp placement {candidate.placement!r} is not wired into the engine yet")
     return LlamaCppEngine(card, placement, n_ctx=n_ctx or default_context(card), threads=threads,

@@ -99,14 +99,26 @@ def _in_v1_group(limit: int, argv: list[str], tmp_path) -> subprocess.CompletedP
 
 
 @pytest.mark.skipif(not (V1.is_dir() and os.access(V1, os.W_OK)), reason="needs a writable cgroup v1 memory controller (root)")
-@pytest.mark.parametrize("command", [["ask", "--max-tokens", "2", "Hi", "--model"], ["plan"], ["-m"]])
+@pytest.mark.parametrize("command", [["ask", "--engine", "llama.cpp", "--max-tokens", "2", "Hi", "--model"],
+                                     ["--engine", "llama.cpp", "-m"]])
 def test_model_too_big_for_the_cgroup_is_refused_in_one_line(demo_model, tmp_path, command):
-    """The demo model (1.3 GB) under a 1 GiB cap: refused, naming the cgroup limit — not killed."""
+    """The demo model (1.3 GB) under a 1 GiB cap with an engine that must hold it all: refused,
+    naming the cgroup limit — not killed. (auto streams it instead: test_auto_streams_... below.)"""
     result = _in_v1_group(GIB, [*command, str(demo_model)], tmp_path)
     assert result.returncode == 2, (result.returncode, result.stderr)  # -9 would be the OOM killer
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "cgroup" in lines[0] and "limit" in lines[0] and "1.0 GiB" in lines[0], lines[0]
+
+
+@pytest.mark.skipif(not (V1.is_dir() and os.access(V1, os.W_OK)), reason="needs a writable cgroup v1 memory controller (root)")
+def test_auto_streams_what_does_not_fit_the_cgroup(demo_model, tmp_path):
+    """The same model and cap with the planner's choice: plan names the stream engine, not a refusal."""
+    result = _in_v1_group(GIB, ["plan", "--json", str(demo_model)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    assert json.loads(result.stdout)["choice"]["engine"] == "stream"
 
 
 def test_planner_refusal_names_the_cgroup_limit():
@@ -119,8 +131,9 @@ def test_planner_refusal_names_the_cgroup_limit():
 
     data = json.loads((Path(__file__).parent / "profiles" / "laptop-ddr5-nogpu.json").read_text())
     profile = HardwareProfile.from_dict(data)
-    note = "1.5 GiB available under the memory cgroup limit of 2.0 GiB (cgroup v1 x)"
-    profile = dataclasses.replace(profile, ram=RamInfo(profile.ram.total_bytes, int(1.5 * GIB), note))
+    # so little room that not even streaming the experts runs (the non-expert weights alone)
+    note = "0.1 GiB available under the memory cgroup limit of 2.0 GiB (cgroup v1 x)"
+    profile = dataclasses.replace(profile, ram=RamInfo(profile.ram.total_bytes, int(0.1 * GIB), note))
     with pytest.raises(NoFitError) as err:
         make_plan(geometry_card("mixtral-8x7b", n_layers=4), profile)
     assert "cgroup limit of 2.0 GiB" in str(err.value)

@@ -68,10 +68,25 @@ def test_vram_too_small_keeps_experts_of_fewest_layers_in_ram():
         assert plan.choice.decode_tok_s > cpu.decode_tok_s
 
 
-def test_too_big_for_ram_and_vram_is_refused_clearly():
+def test_too_big_for_ram_and_vram_streams_its_experts_from_disk():
     card = geometry_card("mixtral-8x7b", qtype="Q8_0")  # 46 GiB
+    plan = make_plan(card, profile("laptop-4060-8gb"))
+    by_engine = {c.engine: c for c in plan.candidates if c.placement in ("cpu over mmap", "experts streamed from disk")}
+    assert set(by_engine) == {"llama.cpp", "stream"}
+    mmap, stream = by_engine["llama.cpp"], by_engine["stream"]
+    assert plan.choice is stream and stream.fits and stream.decode_tok_s > 2 * mmap.decode_tok_s
+    assert "experts per layer" in stream.note and "4 KiB" in mmap.note
+
+
+def test_what_cannot_run_even_streamed_is_refused_clearly():
+    import dataclasses
+
+    from moechat.backends.plan.hardware_profile import RamInfo
+
+    card = geometry_card("mixtral-8x7b", qtype="Q8_0")
+    small = dataclasses.replace(profile("laptop-ddr5-nogpu"), ram=RamInfo(16 * 1024**3, 1024**3))
     with pytest.raises(NoFitError) as err:
-        make_plan(card, profile("laptop-4060-8gb"))
+        make_plan(card, small)
     message = str(err.value)
     assert "does not fit" in message and "GiB" in message and "\n" not in message
     assert isinstance(err.value, MoechatError) and err.value.candidates

@@ -8,7 +8,7 @@ from textual.widgets import Static
 from moechat.backends.engines.events import Event
 
 MODEL_CHARS = 40  # longer names are cut
-CACHE_WORDS = ("hit", "miss", "cache", "expert", "prefetch")  # stats worth a status-bar slot
+CACHE_WORDS = ("hit", "miss", "cache", "expert", "prefetch", "disk", "read_gb")  # stats worth a status-bar slot
 
 
 def format_bytes(n: int) -> str:

@@ -32,6 +32,7 @@ class UpcycleRecipe:
     n_used: int = 2
     expert_type: str = "F16"  # "F16" or "Q8_0"
     seed: int = 0
+    router_skew: float = 0.0  # sigma of a log-normal factor per expert's router row (0: none)
 
     def __post_init__(self):
         assert 0 < self.n_used <= self.n_experts, "need 0 < n_used <= n_experts"
@@ -39,9 +40,10 @@ class UpcycleRecipe:
 
     @property
     def file_name(self) -> str:
+        skew = f"-skew{self.router_skew:g}" if self.router_skew else ""
         return (
             f"smollm2-135m-moe-e{self.n_experts}-top{self.n_used}-"
-            f"{self.expert_type.lower()}-s{self.seed}-v{RECIPE_VERSION}.gguf"
+            f"{self.expert_type.lower()}-s{self.seed}{skew}-v{RECIPE_VERSION}.gguf"
         )
 
 
@@ -129,7 +131,7 @@ def build_upcycled(src: Path, out: Path, recipe: UpcycleRecipe, progress: bool =
             if what == "copy":
                 yield args[0].data
             elif what == "router":
-                yield (rng.standard_normal((recipe.n_experts, n_embd)) * ROUTER_STD).astype(np.float32)
+                yield _router(np, rng, recipe, n_embd)
             else:
                 yield _make_experts(gguf, np, args[0], recipe, expert_qtype, rng)
 
@@ -159,6 +161,16 @@ def write_streamed(writer, tmp: Path, out: Path, tensor_data, total: int, desc: 
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def _router(np, rng, recipe, n_embd):
+    """A small random router [E, D]; with router_skew, each expert's row is scaled by its own
+    log-normal factor, so some experts win the top-k far more often (as in trained MoEs) and
+    expert caches see uneven popularity."""
+    router = rng.standard_normal((recipe.n_experts, n_embd)) * ROUTER_STD
+    if recipe.router_skew:
+        router *= np.exp(rng.standard_normal((recipe.n_experts, 1)) * recipe.router_skew)
+    return router.astype(np.float32)
 
 
 def _make_experts(gguf, np, t, recipe, qtype, rng):

@@ -143,6 +143,8 @@ def _candidates(card, profile, n_ctx, routing):
 
     yield _candidate(card, profile, "llama.cpp", cm.Placement("cpu"), n_ctx, routing, True, "")
     yield _candidate(card, profile, "llama.cpp", cm.Placement("gpu"), n_ctx, routing, llama_gpu, gpu_note)
+    if card.is_moe and not _fits_in_memory(card, profile, n_ctx):
+        yield from _over_ram_candidates(card, profile, n_ctx, routing)
     if not has_gpu:
         for engine, kind in (("fiddler", "fiddler"), ("hobbit", "hobbit")):
             if card.is_moe:
@@ -177,6 +179,22 @@ def _candidates(card, profile, n_ctx, routing):
                          offload, f"{per_layer}/{card.n_experts} experts per layer on GPU{why}")
         yield _candidate(card, profile, "hobbit", cm.Placement("hobbit", per_layer), n_ctx, routing,
                          offload, f"GPU cache of {per_layer}/{card.n_experts} experts per layer{why}")
+
+
+def _fits_in_memory(card, profile, n_ctx) -> bool:
+    need = card.tensor_bytes + cm.kv_bytes(card, n_ctx) + cm.RUNTIME_OVERHEAD_BYTES
+    return need <= cm.ram_capacity_bytes(profile) + (cm.gpu_capacity_bytes(profile) if profile.has_gpu else 0)
+
+
+def _over_ram_candidates(card, profile, n_ctx, routing):
+    """Bigger than RAM (+ VRAM): llama.cpp over mmap, and experts streamed from disk
+    (backends/plan/streamed.py)."""
+    from moechat.backends.plan.streamed import over_ram
+
+    for engine, placement, p in zip(("llama.cpp", "stream"), ("cpu over mmap", "experts streamed from disk"),
+                                    over_ram(card, profile, n_ctx, routing)):
+        yield Candidate(engine, placement, None, p.prefill_tok_s, p.decode_tok_s, p.ram_bytes, 0,
+                        p.fits, True, p.note)
 
 
 def offload_engines_available(profile) -> bool:
