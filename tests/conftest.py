@@ -15,6 +15,7 @@ import pytest
 @pytest.fixture(autouse=True)
 def _isolated_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECHAT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MOECHAT_KV_CACHE_DIR", str(tmp_path / "kv"))  # saved KV states (issue 16)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,15 @@ MoE-aware is llama.cpp's `--n-cpu-moe N`: every non-expert weight on the GPU, th
 expert tensors of the first N layers in system RAM (see llamacpp_overrides.py).
 
 A multi-turn chat reuses the KV cache for the shared prefix: `Llama.generate` compares the
-new prompt's tokens with the ones already evaluated and only evaluates the rest.
+new prompt's tokens with the ones already evaluated and only evaluates the rest. Before
+that, the KV state cache (kv_states.py, llamacpp_state.py) restores a longer saved prefix,
+from this process or an earlier one; the sequence state is saved after a long prefill and
+after each reply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +69,7 @@ class LlamaCppEngine:
         if placement.kind != "cpu" and not gpu_offload_supported():
             self.placement += " (this llama.cpp build has no GPU support: running on CPU)"
         self.n_ctx = n_ctx or min(card.context_length, 4096)
+        self.kv_states = self._kv_store(card, placement)
         threads = threads or default_threads()
         patterns = cpu_moe_patterns(placement.n_cpu_moe) if placement.kind == "moe" else []
         try:
@@ -84,6 +89,36 @@ class LlamaCppEngine:
         self.tokenizer = ChatTokenizer(self.llm)
         self.template = self.tokenizer.template
 
+    def _kv_store(self, card: ModelCard, placement: LlamaCppPlacement):
+        from moechat.backends.engines.kv_states import KVStateStore, model_key
+        from moechat.backends.engines.llamacpp_state import build_identity
+
+        variant = f"{placement.kind}:{placement.n_cpu_moe} {build_identity()}"
+        return KVStateStore(model_key(card.path, self.n_ctx, self.name, variant), card.name)
+
+    def _restore(self, tokens: list[int]) -> int:
+        """Restore the best saved state for this prompt -> tokens restored (0: none)."""
+        from moechat.backends.engines.kv_states import common_prefix
+        from moechat.backends.engines.llamacpp_state import restore
+
+        live = min(common_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens), len(tokens) - 1)
+        picked = self.kv_states.pick(tokens, live)
+        if picked is None:
+            return 0
+        candidate, payload = picked
+        keep = min(candidate.common, len(tokens) - 1)
+        if not restore(self.llm, candidate.tokens, payload, keep):
+            self.kv_states.reject(candidate, "llama.cpp could not load it")
+            return 0
+        self.kv_states.restored(candidate, keep)
+        return keep
+
+    def _save_state(self) -> str:
+        from moechat.backends.engines.llamacpp_state import capture
+
+        tokens, payload = capture(self.llm)
+        return self.kv_states.save(tokens, payload)
+
     # ---- prompt -------------------------------------------------------------------------
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         return self.tokenizer.prompt_tokens(messages)
@@ -94,6 +129,8 @@ class LlamaCppEngine:
     ) -> Iterator[Event]:
         import llama_cpp
 
+        from moechat.backends.engines.kv_states import PREFILL_SAVE_MIN
+
         tokens = self.prompt_tokens(messages)
         if len(tokens) >= self.n_ctx:
             raise MoechatError(
@@ -102,6 +139,7 @@ class LlamaCppEngine:
         max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
         self.llm.set_seed(sampling.seed)
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
+        restored = self._restore(tokens)
         text_stream = self.tokenizer.text_stream()
         generated: list[int] = []
         finish = "length"
@@ -120,6 +158,8 @@ class LlamaCppEngine:
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
+                    if llama_cpp.llama_perf_context(self.llm.ctx).n_p_eval >= PREFILL_SAVE_MIN:
+                        self._save_state()  # a reply cut short still leaves the long prefill saved
                 if self.tokenizer.is_end(token):
                     finish = "stop"
                     break
@@ -139,7 +179,10 @@ class LlamaCppEngine:
         finally:
             stream.close()
         ttft = (t_first or time.perf_counter()) - t_start
-        yield self._final_event(len(tokens), ttft, text_stream.flush(), finish)
+        final = self._final_event(len(tokens), ttft, text_stream.flush(), finish)
+        saved = self._save_state()
+        yield dataclasses.replace(final, stats={**final.stats, "prompt_tokens_restored": restored,
+                                                "kv_state": saved})
 
     def _final_event(self, n_prompt: int, ttft: float, tail_text: str, finish: str) -> Event:
         """Totals from llama.cpp's own perf counters (read after a synchronize)."""
@@ -176,6 +219,8 @@ class LlamaCppEngine:
         return max(0, n_prompt - evaluated)
 
     def close(self) -> None:
+        if getattr(self, "kv_states", None) is not None:
+            self.kv_states.wait()  # a state being written reaches the disk whole
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.close()
