@@ -10,7 +10,7 @@ the snapshots in a new `moechat ask` process:
   no cache the same with MOECHAT_KV_CACHE_SIZE=0 and no states
 and the greedy tokens of `cache` and `no cache` are compared.
 
-  .venv/bin/python benchmarks/resume.py [--models demo,mixtral] [--sizes 1000,4000] [--reps 2]
+  .venv/bin/python benchmarks/resume.py [--models demo,mixtral] [--sizes 1000,4000] [--reps 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -56,12 +56,13 @@ def write_conversation(data_dir: Path, n_tokens: int, turns: int = 6) -> None:
     history.close()
 
 
-def ask(model: Path, folder: Path, args: list[str], ctx: int, engine: str, cache: bool) -> tuple[float, dict]:
+def ask(model: Path, folder: Path, args: list[str], ctx: int, engine: str, cache: bool,
+        threads: int) -> tuple[float, dict]:
     env = dict(os.environ, MOECHAT_DATA_DIR=str(folder / "data"), MOECHAT_KV_CACHE_DIR=str(folder / "kv"))
     if not cache:
         env["MOECHAT_KV_CACHE_SIZE"] = "0"
     cmd = [sys.executable, "-m", "moechat", "ask", *args, "--model", str(model), "--max-tokens", "8",
-           "--ctx", str(ctx), "--engine", engine, "--json"]
+           "--ctx", str(ctx), "--engine", engine, "--threads", str(threads), "--json"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
@@ -79,12 +80,13 @@ def fresh_copy(snapshot: Path, work: Path, with_states: bool) -> Path:
     return work
 
 
-def bench(model: Path, n_tokens: int, reps: int, nocache_reps: int, ctx: int, engine: str) -> dict:
+def bench(model: Path, n_tokens: int, reps: int, nocache_reps: int, ctx: int, engine: str,
+          threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="moechat-resume-") as tmp:
         tmp = Path(tmp)
         snap = tmp / "snapshot"
         write_conversation(snap / "data", n_tokens)
-        setup_s, setup = ask(model, snap, ["-c", "What did I write first?"], ctx, engine, cache=True)
+        setup_s, setup = ask(model, snap, ["-c", "What did I write first?"], ctx, engine, cache=True, threads=threads)
         times: dict[str, list[float]] = {"fresh": [], "cache": [], "no cache": []}
         outs: dict[str, dict] = {}
         for rep in range(reps):
@@ -96,10 +98,10 @@ def bench(model: Path, n_tokens: int, reps: int, nocache_reps: int, ctx: int, en
                 if kind == "fresh":
                     if work.exists():
                         shutil.rmtree(work)
-                    wall, out = ask(model, work, [QUESTION], ctx, engine, cache=True)
+                    wall, out = ask(model, work, [QUESTION], ctx, engine, cache=True, threads=threads)
                 else:
                     fresh_copy(snap, work, with_states=kind == "cache")
-                    wall, out = ask(model, work, ["-c", QUESTION], ctx, engine, cache=kind == "cache")
+                    wall, out = ask(model, work, ["-c", QUESTION], ctx, engine, cache=kind == "cache", threads=threads)
                 times[kind].append(wall)
                 outs[kind] = out
         best = {k: min(v) for k, v in times.items()}
@@ -122,12 +124,15 @@ def main() -> int:
     parser.add_argument("--nocache-reps", type=int, default=1)
     parser.add_argument("--ctx", type=int, default=8192)
     parser.add_argument("--engine", default="llama.cpp")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="default 1: on a shared, oversubscribed machine ggml's spinning thread "
+                             "barriers made 2-thread decode ~40x slower than 1-thread (measured here)")
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
         model = model_path(name)
         for size in (int(s) for s in args.sizes.split(",")):
-            row = bench(model, size, args.reps, args.nocache_reps, args.ctx, args.engine)
+            row = bench(model, size, args.reps, args.nocache_reps, args.ctx, args.engine, args.threads)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print("| model | engine | conversation tok | restored / evaluated | fresh one-line s | ask -c cache s | "
