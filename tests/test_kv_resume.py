@@ -169,3 +169,22 @@ def test_the_cache_command_and_history_deletion(tmp_path, capsys, demo_model_q8)
     assert main(["cache", "clear"]) == 0
     assert "removed 1 saved state" in capsys.readouterr().out
     assert state_files(tmp_path) == []
+
+
+def test_ask_continue_from_a_new_process_restores_the_conversation(demo_model_q8):
+    import json
+    import subprocess
+    import sys
+
+    def ask(*args):
+        done = subprocess.run([sys.executable, "-m", "moechat", "ask", *args, "--model", str(demo_model_q8),
+                               "--engine", "llama.cpp", "--threads", "1", "--ctx", "512", "--max-tokens", "12",
+                               "--json"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    first = ask(PARIS[0]["content"])
+    second = ask("-c", "And the capital of Germany?")
+    assert second["conversation_id"] == first["conversation_id"]
+    assert second["stats"]["prompt_tokens_restored"] >= first["prompt_tokens"]
+    assert second["stats"]["prompt_tokens_evaluated"] < 20
