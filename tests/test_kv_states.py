@@ -183,15 +183,15 @@ def test_a_state_of_another_model_or_build_in_the_wrong_place_is_ignored(tmp_pat
 
 
 def test_a_kill_during_a_save_leaves_the_previous_state_usable(tmp_path):
-    """A child process saves a longer state and is SIGKILLed after writing all of it but before
-    the rename; the state saved before it is still found and loads whole."""
+    """A child process saves a longer state and is SIGKILLed after writing all of it, at the
+    rename; the state saved before it is still found and loads whole."""
     tokens = list(range(100))
     saved_on_disk(tmp_path, tokens)
     child = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
         from moechat.backends.engines.kv_states import KVStateStore
-        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+        os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
         s = KVStateStore({KEY!r}, root=Path({str(tmp_path / 'kv')!r}), cap=10**6)
         s.save(list(range(200)), bytearray(5000))
         s.wait()

@@ -43,6 +43,7 @@ RAM_SLOTS = 4  # sequences kept in memory (two clients alternating fit, with roo
 RAM_CAP = 1 * GIB
 MIN_RESTORE = 32  # restoring fewer tokens than this costs about what evaluating them does
 PREFILL_SAVE_MIN = 256  # save right after a prefill that evaluated at least this many tokens
+SAVE_MIN_NEW = 64  # a reply saves its state only if it adds this many tokens to a saved one
 STALE_TMP_S = 3600  # a temporary file this old is from a killed save
 
 
@@ -186,6 +187,15 @@ class KVStateStore:
             warn(f"ignoring a saved KV state in memory: {reason}; evaluating the prompt in full")
 
     # ---- save -----------------------------------------------------------------------------
+    def covering(self, tokens: list[int]) -> str | None:
+        """The name of a saved state that covers all but fewer than SAVE_MIN_NEW of these
+        tokens: saving again would rewrite the whole state (tens of MB) to spare the next
+        turn a prefill of a few dozen tokens."""
+        best = self.best(tokens)
+        if best is not None and len(tokens) - best.common < SAVE_MIN_NEW:
+            return best.name
+        return None
+
     def save(self, tokens: list[int], payload: bytearray, meta: dict | None = None) -> str:
         """Keep this state in RAM now and on disk in the background; returns its name."""
         tokens = list(tokens)

@@ -113,9 +113,15 @@ class LlamaCppEngine:
         self.kv_states.restored(candidate, keep)
         return keep
 
-    def _save_state(self) -> str:
+    def _save_state(self, force: bool = False) -> str:
+        """Save the context's state -> its name (or the name of a saved state that already
+        covers nearly all of it)."""
         from moechat.backends.engines.llamacpp_state import capture
 
+        held = [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
+        covering = None if force else self.kv_states.covering(held)
+        if covering is not None:
+            return covering
         tokens, payload = capture(self.llm)
         return self.kv_states.save(tokens, payload)
 
@@ -159,7 +165,7 @@ class LlamaCppEngine:
                 if t_first is None:
                     t_first = now
                     if llama_cpp.llama_perf_context(self.llm.ctx).n_p_eval >= PREFILL_SAVE_MIN:
-                        self._save_state()  # a reply cut short still leaves the long prefill saved
+                        self._save_state(force=True)  # a reply cut short still leaves the long prefill saved
                 if self.tokenizer.is_end(token):
                     finish = "stop"
                     break

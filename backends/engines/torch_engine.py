@@ -78,7 +78,11 @@ class TorchEngine:
         self.kv_states.restored(candidate, keep)
         return keep
 
-    def _save_state(self) -> str:
+    def _save_state(self, force: bool = False) -> str:
+        """Save the cache -> its name (or that of a saved state covering nearly all of it)."""
+        covering = None if force else self.kv_states.covering(self.evaluated)
+        if covering is not None:
+            return covering
         n = len(self.evaluated)
         return self.kv_states.save(self.evaluated[:n], self.cache.export(n))
 
@@ -122,7 +126,7 @@ class TorchEngine:
         logits = self.forward(tokens[reused:], reused)[-1]
         prefill_s = time.perf_counter() - t0
         if len(tokens) - reused >= PREFILL_SAVE_MIN:
-            self._save_state()  # a reply cut short still leaves the long prefill saved
+            self._save_state(force=True)  # a reply cut short still leaves the long prefill saved
         prefill_tok_s = (len(tokens) - reused) / prefill_s if prefill_s > 0 else 0.0
 
         text_stream = self.tokenizer.text_stream()
