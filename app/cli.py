@@ -25,6 +25,7 @@ COMMANDS = {
     "pull": "pull_cmd",
     "rm": "rm_cmd",
     "worker": "worker_cmd",
+    "cache": "cache_cmd",
 }
 
 

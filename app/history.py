@@ -175,7 +175,14 @@ class History:
                       (system_prompt, cid))
 
     def delete_conversation(self, cid: int) -> None:
+        """Delete it with its messages and the KV states its replies saved (named in their
+        stats by the engine, "kv_state")."""
+        names = [m.stats["kv_state"] for m in self.messages(cid) if m.stats.get("kv_state")]
         self._execute("DELETE FROM conversations WHERE id = ?", (cid,))
+        if names:
+            from moechat.backends.engines.kv_states import drop
+
+            drop(names)
 
     # ---- messages -----------------------------------------------------------------------
     def add_message(self, cid: int, role: str, content: str, status: str = "done",

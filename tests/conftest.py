@@ -12,9 +12,26 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_kv_dir(tmp_path_factory):
+    """Saved KV states (issue 16) never go to the user cache dir, also for engines that
+    session- and module-scoped fixtures open before any test's own dir is set."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOECHAT_KV_CACHE_DIR", str(tmp_path_factory.mktemp("kv-session")))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_kv_dir(tmp_path_factory, _session_kv_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOECHAT_KV_CACHE_DIR", str(tmp_path_factory.mktemp("kv-module")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECHAT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MOECHAT_KV_CACHE_DIR", str(tmp_path / "kv"))  # saved KV states (issue 16)
 
 
 @pytest.fixture(scope="session")

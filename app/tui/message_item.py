@@ -6,6 +6,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Markdown, Static
 
+from moechat.app.tui.status_bar import prompt_summary
+
 ROLE_LABELS = {"user": "You", "assistant": "Assistant", "system": "System"}
 # "streaming" in the history means its writer died mid-reply (a crash or kill)
 STATUS_NOTES = {"stopped": "⏹ stopped", "error": "⚠ error", "streaming": "… interrupted"}
@@ -22,6 +24,8 @@ def reply_footer(stats: dict) -> str:
         parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
     if stats.get("engine"):
         parts.append(str(stats["engine"]))
+    if prompt_summary(stats):
+        parts.append(prompt_summary(stats))
     return " · ".join(parts)
 
 

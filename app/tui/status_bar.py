@@ -23,6 +23,22 @@ def format_stat(key: str, value) -> str:
     return f"{key.replace('_', ' ')} {text}"
 
 
+def prompt_summary(stats: dict) -> str:
+    """Prompt tokens evaluated vs taken from the KV cache: restored from a saved state
+    (kv_states), or kept from this process's last reply."""
+    evaluated = stats.get("prompt_tokens_evaluated")
+    if evaluated is None:
+        return ""
+    restored = int(stats.get("prompt_tokens_restored", 0))
+    kept = int(stats.get("prompt_tokens_reused", 0)) - restored
+    parts = [f"prompt {evaluated} evaluated"]
+    if restored:
+        parts.append(f"{restored} restored")
+    if kept > 0:
+        parts.append(f"{kept} kept")
+    return " · ".join(parts)
+
+
 class StatusBar(Static):
     model = reactive("no model")
     engine = reactive("")
@@ -60,6 +76,8 @@ class StatusBar(Static):
                 share = self.decode_tok_s / self.predicted_decode_tok_s
                 decode += f" ({share:.0%} of the predicted {self.predicted_decode_tok_s:.1f})"
             numbers.append(f"prefill {prefill} tok/s · {decode}")
+        if prompt_summary(self.stats):
+            numbers.append(prompt_summary(self.stats))
         if self.rss_bytes:
             numbers.append(f"mem {format_bytes(self.rss_bytes)}")
         cache = [format_stat(k, v) for k, v in self.stats.items()

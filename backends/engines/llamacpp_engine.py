@@ -8,11 +8,15 @@ Threads: unless the user fixed a count, the engine picks the cores free right no
 (another process took a core); the count used is in each final event's stats.
 
 A multi-turn chat reuses the KV cache for the shared prefix: `Llama.generate` compares the
-new prompt's tokens with the ones already evaluated and only evaluates the rest.
+new prompt's tokens with the ones already evaluated and only evaluates the rest. Before
+that, the KV state cache (kv_states.py, llamacpp_state.py) restores a longer saved prefix,
+from this process or an earlier one; the sequence state is saved after a long prefill and
+after each reply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -82,6 +86,7 @@ class LlamaCppEngine:
         self.threads = threads
         self.thread_steps_down = 0  # in the last reply, because it stalled
         self.expected_token_s = 0.0  # the plan's seconds per decoded token, when it chose this
+        self.kv_states = self._kv_store(card, placement)
         log = install_log(echo=verbose)
         patterns = cpu_moe_patterns(placement.n_cpu_moe) if placement.kind == "moe" else []
         try:
@@ -104,6 +109,42 @@ class LlamaCppEngine:
         self.tokenizer = ChatTokenizer(self.llm)
         self.template = self.tokenizer.template
 
+    def _kv_store(self, card: ModelCard, placement: LlamaCppPlacement):
+        from moechat.backends.engines.kv_states import KVStateStore, model_key
+        from moechat.backends.engines.llamacpp_state import build_identity
+
+        variant = f"{placement.kind}:{placement.n_cpu_moe} {build_identity()}"
+        return KVStateStore(model_key(card.path, self.n_ctx, self.name, variant), card.name)
+
+    def _restore(self, tokens: list[int]) -> int:
+        """Restore the best saved state for this prompt -> tokens restored (0: none)."""
+        from moechat.backends.engines.kv_states import common_prefix
+        from moechat.backends.engines.llamacpp_state import restore
+
+        live = min(common_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens), len(tokens) - 1)
+        picked = self.kv_states.pick(tokens, live)
+        if picked is None:
+            return 0
+        candidate, payload = picked
+        keep = min(candidate.common, len(tokens) - 1)
+        if not restore(self.llm, candidate.tokens, payload, keep):
+            self.kv_states.reject(candidate, "llama.cpp could not load it")
+            return 0
+        self.kv_states.restored(candidate, keep)
+        return keep
+
+    def _save_state(self, force: bool = False) -> str:
+        """Save the context's state -> its name (or the name of a saved state that already
+        covers nearly all of it)."""
+        from moechat.backends.engines.llamacpp_state import capture
+
+        held = [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
+        covering = None if force else self.kv_states.covering(held)
+        if covering is not None:
+            return covering
+        tokens, payload = capture(self.llm)
+        return self.kv_states.save(tokens, payload)
+
     # ---- prompt -------------------------------------------------------------------------
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
         return self.tokenizer.prompt_tokens(messages)
@@ -113,6 +154,8 @@ class LlamaCppEngine:
         self, messages: list[Message], sampling: Sampling, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
         import llama_cpp
+
+        from moechat.backends.engines.kv_states import PREFILL_SAVE_MIN
 
         tokens = self.prompt_tokens(messages)
         if len(tokens) >= self.n_ctx:
@@ -126,6 +169,7 @@ class LlamaCppEngine:
         watch = StallWatch(expected_s=self.expected_token_s)
         self.llm.set_seed(sampling.seed)
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
+        restored = self._restore(tokens)
         text_stream = self.tokenizer.text_stream()
         generated: list[int] = []
         finish = "length"
@@ -145,6 +189,8 @@ class LlamaCppEngine:
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
+                    if llama_cpp.llama_perf_context(self.llm.ctx).n_p_eval >= PREFILL_SAVE_MIN:
+                        self._save_state(force=True)  # a reply cut short still leaves the long prefill saved
                 elif self.auto_threads and watch.observe(now - t_prev) and self.threads > 1:
                     self._set_threads(self.threads - 1)  # stalled: a core is taken
                     self.thread_steps_down += 1
@@ -170,7 +216,10 @@ class LlamaCppEngine:
             stream.close()
             self._load.mark()
         ttft = (t_first or time.perf_counter()) - t_start
-        yield self._final_event(len(tokens), ttft, text_stream.flush(), finish)
+        final = self._final_event(len(tokens), ttft, text_stream.flush(), finish)
+        saved = self._save_state()
+        yield dataclasses.replace(final, stats={**final.stats, "prompt_tokens_restored": restored,
+                                                "kv_state": saved})
 
     def _final_event(self, n_prompt: int, ttft: float, tail_text: str, finish: str) -> Event:
         """Totals from llama.cpp's own perf counters (read after a synchronize)."""
@@ -216,6 +265,8 @@ class LlamaCppEngine:
         return max(0, n_prompt - evaluated)
 
     def close(self) -> None:
+        if getattr(self, "kv_states", None) is not None:
+            self.kv_states.wait()  # a state being written reaches the disk whole
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.close()

@@ -75,6 +75,9 @@ class OffloadEngine(TorchEngine):
     def begin_reply(self) -> None:
         self.backend.stats.reset()
 
+    def kv_variant(self) -> str:
+        return self.placement  # which experts run in which precision changes the keys and values
+
     def event_stats(self) -> dict:
         raise NotImplementedError
 

@@ -2,7 +2,9 @@
 protocol, so `--engine torch`, `moechat ask` and the TUI work unchanged.
 
 Same GGUF, same tokenizer (llama.cpp's, vocab only) as the llama.cpp engine; a multi-turn
-chat reuses the KV cache for the prefix the new prompt shares with what was evaluated.
+chat reuses the KV cache for the prefix the new prompt shares with what was evaluated, and
+the KV state cache (kv_states.py) restores a longer saved prefix, from this process or an
+earlier one: the cache's K/V tensors are saved after a long prefill and after each reply.
 """
 
 from __future__ import annotations
@@ -45,9 +47,49 @@ class TorchEngine:
         self.tokenizer = ChatTokenizer.open(card.path)
         self.cache = self.model.new_cache(self.n_ctx)
         self.evaluated: list[int] = []  # tokens whose keys/values are in the cache
+        self.kv_states = None  # made on the first reply: an offload engine's placement comes later
         where = "CPU, ggml kernels on the GGUF's quantized bytes" if self.device == "cpu" else self.device
         plural = "s" if threads != 1 else ""
         self.placement = f"{where}, {threads} thread{plural}" if self.device == "cpu" else where
+
+    def _kv_store(self, card: ModelCard):
+        from moechat.backends.engines.kv_states import KVStateStore, model_key
+
+        k = self.cache.k[0] if isinstance(self.cache.k, list) else self.cache.k  # a sliding cache: per layer
+        variant = f"{self.device} {k.dtype} {self.kv_variant()}"
+        return KVStateStore(model_key(card.path, self.n_ctx, self.name, variant), card.name)
+
+    def kv_variant(self) -> str:
+        """What else changes the keys and values this engine computes (offload engines:
+        their expert placement)."""
+        return ""
+
+    def _restore(self, tokens: list[int], live: int) -> int:
+        """Restore the best saved state for this prompt -> tokens restored (0: none)."""
+        if not hasattr(self.cache, "load"):  # MLA's latent and sliding-window caches: not saved yet
+            return 0
+        picked = self.kv_states.pick(tokens, live)
+        if picked is None:
+            return 0
+        candidate, payload = picked
+        keep = min(candidate.common, len(tokens) - 1)
+        if not self.cache.load(payload, len(candidate.tokens)):
+            self.kv_states.reject(candidate, "its tensors do not fit this model's KV cache")
+            return 0
+        self.cache.truncate(keep)
+        self.evaluated = list(tokens[:keep])
+        self.kv_states.restored(candidate, keep)
+        return keep
+
+    def _save_state(self, force: bool = False) -> str:
+        """Save the cache -> its name (or that of a saved state covering nearly all of it)."""
+        if not hasattr(self.cache, "export"):
+            return ""
+        covering = None if force else self.kv_states.covering(self.evaluated)
+        if covering is not None:
+            return covering
+        n = len(self.evaluated)
+        return self.kv_states.save(self.evaluated[:n], self.cache.export(n))
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
         """Evaluate tokens at positions start.. (in chunks of PREFILL_CHUNK) -> logits."""
@@ -77,12 +119,19 @@ class TorchEngine:
         max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
         generator = torch.Generator().manual_seed(sampling.seed)
 
-        reused = _common_prefix(self.evaluated, tokens)
-        reused = min(reused, len(tokens) - 1)  # the last prompt token is evaluated for its logits
+        from moechat.backends.engines.kv_states import PREFILL_SAVE_MIN
+
+        if self.kv_states is None:
+            self.kv_states = self._kv_store(self.card)
+        reused = min(_common_prefix(self.evaluated, tokens), len(tokens) - 1)
+        restored = self._restore(tokens, reused)
+        reused = max(reused, restored)  # the last prompt token is evaluated for its logits
         reused = self.cache.truncate(reused)  # a sliding-window cache may keep less
         t0 = time.perf_counter()
         logits = self.forward(tokens[reused:], reused)[-1]
         prefill_s = time.perf_counter() - t0
+        if len(tokens) - reused >= PREFILL_SAVE_MIN:
+            self._save_state(force=True)  # a reply cut short still leaves the long prefill saved
         prefill_tok_s = (len(tokens) - reused) / prefill_s if prefill_s > 0 else 0.0
 
         text_stream = self.tokenizer.text_stream()
@@ -107,6 +156,7 @@ class TorchEngine:
             decode_s += time.perf_counter() - t1
             n_decoded += 1
             pos += 1
+        saved = self._save_state()
         yield Event(
             text=text_stream.flush(),
             prompt_tokens=len(tokens),
@@ -117,12 +167,16 @@ class TorchEngine:
                 "placement": self.placement,
                 "prompt_tokens_evaluated": len(tokens) - reused,
                 "prompt_tokens_reused": reused,
+                "prompt_tokens_restored": restored,
                 "decoded_tokens": n_decoded,
+                "kv_state": saved,
             },
             finish_reason=finish,
         )
 
     def close(self) -> None:
+        if getattr(self, "kv_states", None) is not None:
+            self.kv_states.wait()  # a state being written reaches the disk whole
         tok, self.tokenizer = getattr(self, "tokenizer", None), None
         if tok is not None:
             tok.close()

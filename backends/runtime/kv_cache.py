@@ -36,3 +36,26 @@ class KVCache:
         """Forget positions >= length (later writes overwrite them); returns the positions kept."""
         self.length = min(self.length, length)
         return self.length
+
+    # ---- saved states (backends/engines/kv_states.py) -------------------------------------
+    def export(self, n_tokens: int) -> bytearray:
+        """Keys then values of positions 0..n_tokens-1, as raw bytes ([L, Hkv, n, Dh] each)."""
+        out = bytearray()
+        for buffer in (self.k, self.v):
+            part = buffer[:, :, :n_tokens].contiguous().cpu()
+            out += part.view(torch.uint8).numpy().tobytes()
+        return out
+
+    def load(self, payload: bytearray, n_tokens: int) -> bool:
+        """Fill positions 0..n_tokens-1 from `export`'s bytes; False (cache untouched) if the
+        bytes do not have this cache's shape."""
+        layers, heads, _, head_dim = self.k.shape
+        half = layers * heads * n_tokens * head_dim * self.k.element_size()
+        if n_tokens > self.max_tokens or len(payload) != 2 * half:
+            return False
+        raw = torch.frombuffer(payload, dtype=torch.uint8)
+        for i, buffer in enumerate((self.k, self.v)):
+            part = raw[i * half:(i + 1) * half].view(buffer.dtype).view(layers, heads, n_tokens, head_dim)
+            buffer[:, :, :n_tokens] = part.to(buffer.device)
+        self.length = n_tokens
+        return True
