@@ -24,6 +24,7 @@ COMMANDS = {
     "models": "models_cmd",
     "pull": "pull_cmd",
     "rm": "rm_cmd",
+    "serve": "serve_cmd",
 }
 
 
