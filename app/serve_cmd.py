@@ -76,9 +76,9 @@ def _serve(args, sock, engine, models, open_model, reason: str) -> int:
     print(f"moechat serve: {models.named[0].id} on {engine.name} ({engine.placement}); {reason}")
     print(f"moechat serve: listening on {url} (OpenAI API at {url}/v1, Ollama API at {url}/api); "
           "Ctrl-C stops", flush=True)
-    if not _is_loopback(args.host) and not args.api_key:
-        print(f"moechat serve: warning: listening on {args.host} with no --api-key: anyone who can "
-              "reach this port can use the model", file=sys.stderr, flush=True)
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(f"moechat serve: warning: {warning}", file=sys.stderr, flush=True)
     worker.start()
     try:
         server.run(sockets=[sock])
@@ -137,6 +137,13 @@ def _plan_reason(card, kwargs: dict) -> str:
     except MoechatError as err:
         return str(err).splitlines()[0]
     return plan.reason.splitlines()[0]
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    if _is_loopback(host) or api_key:
+        return None
+    return (f"listening on {host} with no --api-key: anyone who can reach this port can use "
+            "the model")
 
 
 def _is_loopback(host: str) -> bool:

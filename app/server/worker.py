@@ -66,7 +66,7 @@ class EngineWorker:
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._running: Job | None = None
         self.finished: dict[str, int] = {}  # finish reason (or "error") -> requests
-        self.last: dict = {}  # the last finished request: finish_reason, completion_tokens
+        self.last: dict[str, dict] = {}  # finish reason -> the last such request's token counts
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="moechat-engine", daemon=True)
 
@@ -158,7 +158,7 @@ class EngineWorker:
 
     def _record(self, finish: str, completion_tokens: int) -> None:
         self.finished[finish] = self.finished.get(finish, 0) + 1
-        self.last = {"finish_reason": finish, "completion_tokens": completion_tokens}
+        self.last[finish] = {"completion_tokens": completion_tokens}
 
     def _check_context(self, messages) -> int:
         tokenizer, n_ctx = getattr(self.engine, "tokenizer", None), getattr(self.engine, "n_ctx", None)
