@@ -40,9 +40,10 @@ class ModelSet:
         """The model a request names: its id (":latest" optional, as ollama names go), its
         path or its file name."""
         bare = name[: -len(":latest")] if name.endswith(":latest") else name
-        for model in self.available():
-            if bare in (model.id, model.path, Path(model.path).name):
-                return model
+        for models in (self.named, self.available()):  # the hub cache is scanned only if need be
+            for model in models:
+                if bare in (model.id, model.path, Path(model.path).name):
+                    return model
         return None
 
 
