@@ -70,7 +70,7 @@ def _serve(args, sock, engine, models, open_model, reason: str) -> int:
     app = build_app(worker, models, api_key=args.api_key, cors_origins=args.cors)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=5)
-    server = _Server(config, on_exit=worker.stop)
+    server = _server(config, on_exit=worker.stop)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"moechat serve: {models.named[0].id} on {engine.name} ({engine.placement}); {reason}")
@@ -89,21 +89,20 @@ def _serve(args, sock, engine, models, open_model, reason: str) -> int:
     return 0
 
 
-class _Server:
-    """uvicorn.Server that cancels the generation in flight as soon as Ctrl-C arrives, so
-    that the graceful shutdown does not wait for a long reply."""
+def _server(config, on_exit):
+    """A uvicorn.Server that also cancels the generation in flight as soon as Ctrl-C arrives
+    (on a thread: the signal handler must not wait), so that the graceful shutdown does not
+    wait for a long reply."""
+    import threading
 
-    def __new__(cls, config, on_exit):
-        import threading
+    import uvicorn
 
-        import uvicorn
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            threading.Thread(target=on_exit, daemon=True).start()
+            super().handle_exit(sig, frame)
 
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):
-                threading.Thread(target=on_exit, daemon=True).start()
-                super().handle_exit(sig, frame)
-
-        return Server(config)
+    return Server(config)
 
 
 def _bind(host: str, port: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -83,6 +84,9 @@ async def _respond(request: Request, parse, field: str):
                 piece = await anext(pieces, None)
         except ApiError as err:  # after the first line the status is sent: report in the stream
             yield json.dumps({"error": err.message}) + "\n"
+        except Exception as err:  # a bug: one line on the console, never a traceback
+            print(f"moechat serve: stream failed: {type(err).__name__}: {err}", file=sys.stderr)
+            yield json.dumps({"error": "internal server error"}) + "\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 

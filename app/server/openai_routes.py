@@ -8,6 +8,7 @@ along in a `moechat` field, which OpenAI clients ignore.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 
@@ -72,6 +73,9 @@ async def _events(head: dict, first, job, include_usage: bool):
             piece = await anext(pieces, None)
     except ApiError as err:  # after the first token the status is sent: report in the stream
         yield f"data: {json.dumps(error_body('/v1', err))}\n\n"
+    except Exception as err:  # a bug: one line on the console, never a traceback
+        print(f"moechat serve: stream failed: {type(err).__name__}: {err}", file=sys.stderr)
+        yield f"data: {json.dumps(error_body('/v1', ApiError(500, 'internal server error')))}\n\n"
     yield "data: [DONE]\n\n"
 
 
