@@ -69,7 +69,7 @@ def _serve(args, sock, engine, models, open_model, reason: str) -> int:
     worker = EngineWorker(engine, models.named[0], open_model, queue_size=args.queue)
     app = build_app(worker, models, api_key=args.api_key, cors_origins=args.cors)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=15)
     server = _server(config, on_exit=worker.stop)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
