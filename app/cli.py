@@ -26,6 +26,7 @@ COMMANDS = {
     "rm": "rm_cmd",
     "worker": "worker_cmd",
     "cache": "cache_cmd",
+    "serve": "serve_cmd",
 }
 
 

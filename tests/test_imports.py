@@ -1,5 +1,5 @@
 """One-shot paths stay light: `moechat --help` and `moechat ask` import neither textual nor
-torch (checked through sys.modules in a fresh interpreter)."""
+torch, nor `serve`'s web stack (checked through sys.modules in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ try:
     code = main({argv!r})
 except SystemExit as exit:  # argparse exits after printing --help
     code = exit.code
-heavy = sorted(m for m in ("textual", "torch", "rich") if m in sys.modules)
+heavy = sorted(m for m in ("textual", "torch", "rich", "starlette", "uvicorn", "fastapi", "openai",
+                          "ollama", "moechat.app.server") if m in sys.modules)
 print("HEAVY", heavy, "CODE", code)
 """
 
