@@ -265,27 +265,7 @@ def measure_candidates(card, plan, profile, args):
 
 def time_llama(llm, n_prompt: int = MEASURE_PROMPT_TOKENS, n_decode: int = MEASURE_DECODE_TOKENS,
                statistic: str = "mean"):
-    """(prefill tok/s, decode tok/s) of one run: a prompt of n_prompt tokens in one batch, then
-    n_decode single-token steps, each synchronized (llama.cpp's own tg timing; notes/llamacpp.md).
+    """(prefill tok/s, decode tok/s) of one run (backends/engines/llamacpp_timing.py)."""
+    from moechat.backends.engines.llamacpp_timing import time_llama as timed
 
-    Decode is n_decode / total time ("mean") or 1 / the best single-token time ("best":
-    best-of-N over tokens, as STREAM takes the best pass)."""
-    import time
-
-    import llama_cpp
-
-    n_vocab = llm.n_vocab()
-    prompt = [(1000 + 7 * i) % n_vocab for i in range(n_prompt)]
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(prompt)
-    llama_cpp.llama_synchronize(llm.ctx)
-    prefill = n_prompt / (time.perf_counter() - t)
-    best, start = float("inf"), time.perf_counter()
-    for i in range(n_decode):
-        t = time.perf_counter()
-        llm.eval([(2000 + 13 * i) % n_vocab])
-        llama_cpp.llama_synchronize(llm.ctx)
-        best = min(best, time.perf_counter() - t)
-    total = time.perf_counter() - start
-    return prefill, (1.0 / best if statistic == "best" else n_decode / total)
+    return timed(llm, n_prompt, n_decode, statistic)

@@ -23,6 +23,7 @@ from typing import Iterator
 
 from moechat.backends.engines.engine import Message, Sampling
 from moechat.backends.engines.events import Event
+from moechat.backends.engines.llamacpp_timing import time_llama
 from moechat.backends.errors import MoechatError
 from moechat.backends.model.model_card import ModelCard
 
@@ -98,7 +99,7 @@ class RpcLlamaCppEngine:
                     pass
 
     def time_llama(self, n_prompt: int, n_decode: int, statistic: str = "mean") -> tuple[float, float]:
-        """(prefill tok/s, decode tok/s) measured in the child (plan_cmd.time_llama there)."""
+        """(prefill tok/s, decode tok/s) measured in the child (llamacpp_timing.time_llama there)."""
         self._conn.send(("time", n_prompt, n_decode, statistic))
         reply = self._receive(None)
         if reply is None:
@@ -196,7 +197,7 @@ def _child_main(fd: int) -> None:
                 for event in engine.generate(request[1], request[2], cancel=cancel):
                     conn.send(("event", event))
             elif request[0] == "time":
-                conn.send(("timed", _time_llama(engine.llm, *request[1:])))
+                conn.send(("timed", time_llama(engine.llm, *request[1:])))
         except MoechatError as err:
             conn.send(("error", str(err)))
     engine.close()
@@ -216,29 +217,6 @@ def _read_requests(conn, cancel: threading.Event, requests: queue.Queue) -> None
         requests.put(request)
         if request[0] == "close":
             return
-
-
-def _time_llama(llm, n_prompt: int, n_decode: int, statistic: str) -> tuple[float, float]:
-    """app/plan_cmd.time_llama's loop, run here beside the model (backends never import app):
-    one prompt batch, then n_decode synchronized single-token steps."""
-    import time
-
-    import llama_cpp
-
-    n_vocab = llm.n_vocab()
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval([(1000 + 7 * i) % n_vocab for i in range(n_prompt)])
-    llama_cpp.llama_synchronize(llm.ctx)
-    prefill = n_prompt / (time.perf_counter() - t)
-    best, start = float("inf"), time.perf_counter()
-    for i in range(n_decode):
-        t = time.perf_counter()
-        llm.eval([(2000 + 13 * i) % n_vocab])
-        llama_cpp.llama_synchronize(llm.ctx)
-        best = min(best, time.perf_counter() - t)
-    total = time.perf_counter() - start
-    return prefill, (1.0 / best if statistic == "best" else n_decode / total)
 
 
 if __name__ == "__main__":

@@ -119,11 +119,11 @@ class TorchEngine:
         max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
         generator = torch.Generator().manual_seed(sampling.seed)
 
-        from moechat.backends.engines.kv_states import PREFILL_SAVE_MIN
+        from moechat.backends.engines.kv_states import PREFILL_SAVE_MIN, common_prefix
 
         if self.kv_states is None:
             self.kv_states = self._kv_store(self.card)
-        reused = min(_common_prefix(self.evaluated, tokens), len(tokens) - 1)
+        reused = min(common_prefix(self.evaluated, tokens), len(tokens) - 1)
         restored = self._restore(tokens, reused)
         reused = max(reused, restored)  # the last prompt token is evaluated for its logits
         reused = self.cache.truncate(reused)  # a sliding-window cache may keep less
@@ -182,11 +182,3 @@ class TorchEngine:
             tok.close()
         self.model = None
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
