@@ -66,7 +66,7 @@ class TorchEngine:
 
     def _restore(self, tokens: list[int], live: int) -> int:
         """Restore the best saved state for this prompt -> tokens restored (0: none)."""
-        if not hasattr(self.cache, "load"):  # MLA's latent and sliding-window caches: not saved yet
+        if not getattr(self.cache, "savable", False):  # MLA's latent and sliding-window caches: not yet
             return 0
         picked = self.kv_states.pick(tokens, live)
         if picked is None:
@@ -83,7 +83,7 @@ class TorchEngine:
 
     def _save_state(self, force: bool = False) -> str:
         """Save the cache -> its name (or that of a saved state covering nearly all of it)."""
-        if not hasattr(self.cache, "export"):
+        if not getattr(self.cache, "savable", False):
             return ""
         covering = None if force else self.kv_states.covering(self.evaluated)
         if covering is not None:

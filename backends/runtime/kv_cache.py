@@ -12,6 +12,8 @@ import torch
 
 
 class KVCache:
+    savable = True  # export/load below serve instant resume (backends/engines/kv_states.py)
+
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_tokens: int,
                  dtype: torch.dtype = torch.float16, device="cpu"):
         shape = (n_layers, n_kv_heads, max_tokens, head_dim)

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from moechat.backends.runtime.kv_cache import KVCache
 
-class LatentCache:
+
+class LatentCache(KVCache):
     """Preallocated [L, Hkv, S_max, Dk] f16 keys per layer. MLA (absorbed): one "head" of
     R + Dr, and V is a view of its first R columns (value_dim=R, separate_values=False).
     Older deepseek2 files (unsplit attn_kv_b) attend as plain multi-head attention with K and
     V of different widths: then V has its own [L, Hkv, S_max, Dv] buffer, as in llama.cpp.
-    Same interface as KVCache (update / advance / truncate / length)."""
+    KVCache's interface (advance / truncate / length are its own); not saved for instant
+    resume yet (`savable`)."""
+
+    savable = False
 
     def __init__(self, n_layers: int, n_kv_heads: int, key_dim: int, value_dim: int, max_tokens: int,
                  dtype: torch.dtype = torch.float16, device="cpu", separate_values: bool = False):
@@ -37,23 +42,14 @@ class LatentCache:
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor | None = None):
         """Store k [T, Hkv, Dk] (and v [T, Hkv, Dv]) at start..start+T-1; return
         (k [Hkv, S, Dk], v [Hkv, S, Dv]) views."""
+        if self.v is not None:
+            return super().update(layer, start, k, v)
         end = start + k.shape[0]
         if end > self.max_tokens:
             raise ValueError(f"KV cache full: {end} tokens > {self.max_tokens}")
         self.k[layer, :, start:end] = k.transpose(0, 1)
-        if self.v is None:
-            keys = self.k[layer, :, :end]
-            return keys, keys[..., : self.value_dim]
-        self.v[layer, :, start:end] = v.transpose(0, 1)
-        return self.k[layer, :, :end], self.v[layer, :, :end]
-
-    def advance(self, end: int) -> None:
-        self.length = end
-
-    def truncate(self, length: int) -> int:
-        """Forget positions >= length (later writes overwrite them); returns the positions kept."""
-        self.length = min(self.length, length)
-        return self.length
+        keys = self.k[layer, :, :end]
+        return keys, keys[..., : self.value_dim]
 
 
 def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
