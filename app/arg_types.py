@@ -47,3 +47,15 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+
+
+def budget(text: str) -> str:
+    """--vram-budget / --ram-budget: a size ("6GiB") or a share ("50%"), checked at parse time
+    (kept as text: the engine resolves a share against what it holds)."""
+    from moechat.backends.offload.budget import parse_budget
+
+    try:
+        parse_budget(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text

@@ -7,7 +7,7 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from moechat.app.arg_types import non_negative_int, positive_int, thread_count
+    from moechat.app.arg_types import budget, non_negative_int, positive_int, thread_count
     from moechat.backends.manager import ENGINES
 
     parser.add_argument("--engine", choices=ENGINES, default="auto")
@@ -17,10 +17,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads, at most the logical cores (default: the physical "
                              "cores not busy with other work right now)")
     parser.add_argument("--ctx", type=positive_int, metavar="N", help="context length in tokens")
-    parser.add_argument("--vram-budget", metavar="SIZE",
+    parser.add_argument("--vram-budget", type=budget, metavar="SIZE",
                         help="GPU memory for experts, e.g. 6GiB or 50%% of the experts "
                              "(fiddler, hobbit engines; default: what is free)")
-    parser.add_argument("--ram-budget", metavar="SIZE|PCT",
+    parser.add_argument("--ram-budget", type=budget, metavar="SIZE|PCT",
                         help="memory the whole process may use, e.g. 2GiB or 50%% of RAM (or of "
                              "the memory cgroup's limit); the stream engine sizes its expert "
                              "cache to it (default: what is available, minus headroom)")

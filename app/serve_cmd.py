@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from moechat.app.server.models import ModelSet, served_model
 
     specs = args.models or [None]
-    named = [served_model(spec, resolve_model(spec)) for spec in specs]
+    cards = [read_model_card(resolve_model(spec)) for spec in specs]  # a bad path: one line, exit 2
+    named = [served_model(spec, card.path) for spec, card in zip(specs, cards)]
     sock = _bind(args.host, args.port)  # a taken port fails before the model loads
-    card = read_model_card(named[0].path)
+    card = cards[0]
     kwargs = engine_kwargs(args)
     reason = _plan_reason(card, kwargs)
     engine = open_engine(card, **kwargs)

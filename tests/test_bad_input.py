@@ -114,3 +114,13 @@ def test_too_big_model_loads_with_force_then_fails_cleanly(bad_files):
     result = run_moechat("ask", "--force", "--model", str(bad_files["too_big"]), QUESTION)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "needs" not in result.stderr  # the fit check did not run
+
+
+def test_serve_with_a_missing_model_is_one_line(tmp_path):
+    assert_one_line_error(run_moechat("serve", "--port", "0", str(tmp_path / "missing.gguf")), "no such file")
+
+
+@pytest.mark.parametrize("flag, value, words", [("--ram-budget", "lots", ("--ram-budget", "not a size")),
+                                                ("--vram-budget", "200%", ("--vram-budget", "0–100%"))])
+def test_a_bad_budget_is_refused_before_anything_loads(flag, value, words):
+    assert_one_line_error(run_moechat("ask", flag, value, QUESTION), *words)
