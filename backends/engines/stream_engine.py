@@ -102,7 +102,7 @@ class StreamEngine(OffloadEngine):
             from moechat.backends.plan.streamed import save_routing
 
             try:  # the next plan's hit rates; a read-only cache dir only loses the record
-                save_routing(self.card.path, backend.decode_counts)
+                save_routing(self.card.path, backend.decode_counts, backend.decode_prefetch)
             except OSError:
                 pass
         super().close()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from moechat.backends.offload.disk_reader import DiskReader
-from moechat.backends.offload.prefetch import MAX_DEPTH, adaptive_targets, predict_experts
+from moechat.backends.offload.prefetch import MAX_DEPTH, PrefetchGate, adaptive_targets, predict_experts
 from moechat.backends.offload.ram_cache import SlotCache
 from moechat.kernels.ggml import QuantWeight, aligned_empty
 from moechat.kernels.ggml_ops import QuantExperts
@@ -135,8 +135,10 @@ class DiskExperts:
                 self.pool_of[l] = pool
         self.inflight: dict[tuple[int, int], list] = {}  # (layer, expert) -> futures
         self.prefetched: dict[int, set[int]] = {l: set() for l in self.files}  # read ahead, not yet checked
+        self.gate = PrefetchGate()
         self.stats = DiskStats()
         self.decode_counts = np.zeros((n_layers, n_experts), np.int64)  # for the planner's record
+        self.decode_prefetch = (0, 0)  # experts read ahead at decode, of them used (the record too)
         self.position = 0  # tokens of the sequence before this forward (set by the engine)
 
     @property
@@ -199,6 +201,10 @@ class DiskExperts:
         guessed, self.prefetched[layer] = self.prefetched[layer], set()
         s.prefetch_predicted += len(guessed)
         s.prefetch_correct += len(guessed.intersection(wanted))
+        if t_count == 1:
+            used = len(guessed.intersection(wanted))
+            self.gate.record(len(guessed), used)
+            self.decode_prefetch = (self.decode_prefetch[0] + len(guessed), self.decode_prefetch[1] + used)
         counts = np.bincount(ids.reshape(-1), minlength=self.n_experts)
         if t_count == 1:
             self.decode_counts[layer] += counts
@@ -213,7 +219,7 @@ class DiskExperts:
             s.time_s["experts"] = s.time_s.get("experts", 0.0) + time.perf_counter() - t0
         else:
             y = self._grouped(layer, x, ids, gw, groups, counts, guessed)
-        if self.prefetch and t_count == 1:
+        if self.prefetch and t_count == 1 and self.gate.allow():
             self._prefetch(layer, hidden[-1:])
         return torch.from_numpy(y).to(hidden.device, hidden.dtype)
 
@@ -226,12 +232,14 @@ class DiskExperts:
         s.ram_hits += int(sum(counts[e] for _, e in ready))
         s.prefetch_hits += int(sum(counts[e] for _, e in ready if e in guessed))
         s.misses += int(sum(counts[e] for e in group)) - int(sum(counts[e] for _, e in ready))
-        protected = set(keys) | set(self.inflight)  # never reuse a slot a read is filling
+        self._wait([k for k in list(self.inflight) if k not in keys and self._ready(k)])  # landed: unprotect
+        protected = set(keys) | set(self.inflight) | self._read_ahead()  # never reuse a slot a read is filling
         for key in misses:
             try:
                 slot, _ = cache.assign(key, protected)
-            except RuntimeError:  # every other slot awaits a read-ahead: let those land first
+            except RuntimeError:  # every other slot awaits a read-ahead: give those up first
                 self._wait([k for k in list(self.inflight) if k not in keys])
+                self._drop_read_ahead()
                 protected = set(keys) | set(self.inflight)
                 slot, _ = cache.assign(key, protected)
             self._start_read(key, slot)
@@ -261,7 +269,7 @@ class DiskExperts:
                                     self.top_k, MAX_DEPTH)  # [1, P, A]
         if predicted.shape[1]:
             targets = adaptive_targets(predicted[0].numpy(), layer, self.n_layers, self.is_cached)
-            busy = set(self.inflight) | set(targets)
+            busy = set(self.inflight) | set(targets) | self._read_ahead()
             for key in targets:
                 cache = self.pool_of[key[0]].cache
                 if cache.free_slots(busy) <= self.top_k:  # keep room for the next layer's misses
@@ -270,6 +278,15 @@ class DiskExperts:
                 self._start_read(key, slot)
                 self.prefetched[key[0]].add(key[1])
         self.stats.time_s["prefetch"] = self.stats.time_s.get("prefetch", 0.0) + time.perf_counter() - t0
+
+    def _read_ahead(self) -> set:
+        """Prefetched experts whose layer has not run yet: kept until it does (evicting them
+        first, as never-used entries, would make every read-ahead evict the last one)."""
+        return {(l, e) for l, es in self.prefetched.items() for e in es}
+
+    def _drop_read_ahead(self) -> None:
+        for es in self.prefetched.values():
+            es.clear()
 
     def settle(self) -> None:
         """Wait for every read in flight (before closing)."""

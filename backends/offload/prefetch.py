@@ -60,3 +60,36 @@ def adaptive_targets(predicted: np.ndarray, layer: int, n_layers: int,
         if missing:
             return missing
     return []
+
+
+class PrefetchGate:
+    """Whether reading ahead is paying for itself. On a drive-bound tier (the disk tier) a
+    read-ahead that goes unused costs as many bytes as a miss and evicts an entry that may
+    be wanted: measured on an upcycled SmolLM2 MoE whose routers predict each other poorly
+    (43% of read-aheads used), prefetching doubled the bytes read per token. The gate keeps
+    the share of the last `window` read-aheads that their layer used; below `min_useful` it
+    lets only every `probe_every`-th chance through, so the share keeps being measured and
+    prefetching resumes when the model's routing turns predictable."""
+
+    def __init__(self, min_useful: float | None = None, window: int = 256, probe_every: int = 8):
+        from collections import deque
+
+        from moechat.backends.plan.streamed import PREFETCH_MIN_USEFUL  # the planner predicts with it
+
+        min_useful = PREFETCH_MIN_USEFUL if min_useful is None else min_useful
+        self.min_useful, self.probe_every = min_useful, probe_every
+        self.outcomes: deque[bool] = deque(maxlen=window)
+        self.chances = 0
+
+    def record(self, read: int, used: int) -> None:
+        """A layer ran: `read` experts had been read ahead for it, `used` of them it picked."""
+        self.outcomes.extend([True] * used + [False] * (read - used))
+
+    @property
+    def useful_share(self) -> float | None:
+        return sum(self.outcomes) / len(self.outcomes) if len(self.outcomes) >= 32 else None
+
+    def allow(self) -> bool:
+        self.chances += 1
+        share = self.useful_share
+        return share is None or share >= self.min_useful or self.chances % self.probe_every == 0

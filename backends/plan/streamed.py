@@ -11,7 +11,9 @@ slots shared by all MoE layers. S must reach the experts one token selects in on
 Prediction (decode, per token): hit rate h from the cache size (uniform routing: S/(L·E), or
 the S/L most popular experts per layer of this file's routing record when there is one);
 bytes read = (1 − h) · top-k · expert bytes · MoE layers; time = compute + bytes / read
-bandwidth · (1 − overlap).
+bandwidth · (1 − overlap). The overlap is PREFETCH_OVERLAP where reading ahead pays, and 0
+where this file's record shows the engine's read-aheads mostly unused (the engine then stops
+reading ahead, backends/offload/prefetch.py PrefetchGate).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ HEADROOM_BYTES = 96 * MIB  # allocator slack, ggml graph buffers, Python objects
 HEADROOM_SHARE = 0.04  # ... and a share of the budget on top (page cache of the dense weights)
 READ_THREADS = 4  # reads in flight
 PREFETCH_OVERLAP = 0.25  # share of the read time hidden behind compute by prefetch (measured here)
+STREAM_LAYER_OVERHEAD_S = 200e-6  # the disk tier's per-layer hook on top of the torch engine's (cache
+# lookups, slot table, numpy hand-over, read-ahead product): all experts in RAM, 30-layer SmolLM2 MoE,
+# 29 ms/token streamed vs 23 ms in the torch engine (docs/benchmarks.md, issue 14)
+PREFETCH_MIN_USEFUL = 0.6  # below this share of read-aheads used, the engine stops reading ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,15 +170,18 @@ def over_ram(card, profile, n_ctx: int, routing=None, disk: tuple[float, float] 
     if not sizing.runs:
         return mmap, OverRam(0.0, 0.0, sizing.fixed + card.n_experts_used * sizing.slot_bytes, False,
                              sizing.refusal(card.name))
-    compute_s = cpu_s + card.n_layers * cm.TORCH_LAYER_OVERHEAD_S
-    p = predict_stream(card, sizing, compute_s, large_gbs * 1e9, hit(sizing.slots // sizing.n_layers))
+    compute_s = cpu_s + card.n_layers * (cm.TORCH_LAYER_OVERHEAD_S + STREAM_LAYER_OVERHEAD_S)
+    share = recorded_prefetch_share(card.path)
+    overlap = PREFETCH_OVERLAP if share is None or share >= PREFETCH_MIN_USEFUL else 0.0
+    p = predict_stream(card, sizing, compute_s, large_gbs * 1e9, hit(sizing.slots // sizing.n_layers), overlap)
     groups = -(-min(card.n_experts, PREFILL_CHUNK * card.n_experts_used) // sizing.slots)
     prefill_s = (groups / cpu.prefill_tok_s
                  + card.expert_bytes / (large_gbs * 1e9) / PREFILL_CHUNK)
     stream = OverRam(1.0 / prefill_s, 1.0 / p.decode_s, sizing.budget, True,
                      f"{sizing.slots / sizing.n_layers:.1f}/{card.n_experts} experts per layer in a "
                      f"{sizing.cache_bytes / 1024**3:.2f} GiB RAM cache, {p.hit_rate:.0%} hits, "
-                     f"{p.bytes_per_token / 1e6:.0f} MB/token read at {large_gbs:.2f} GB/s",
+                     f"{p.bytes_per_token / 1e6:.0f} MB/token read at {large_gbs:.2f} GB/s"
+                     + ("" if overlap else f", no read-ahead (only {share:.0%} of it was used)"),
                      p.hit_rate, p.bytes_per_token)
     return mmap, stream
 
@@ -205,29 +214,34 @@ def _record_path(model_path: str):
     return cache_dir() / "stream" / "routing" / f"{key}.json"
 
 
-def save_routing(model_path: str, counts) -> None:
-    """Add per-(layer, expert) selection counts [L][E] to this model file's record (atomic)."""
+def save_routing(model_path: str, counts, prefetch: tuple[int, int] = (0, 0)) -> None:
+    """Add per-(layer, expert) selection counts [L][E] to this model file's record (atomic),
+    and `prefetch` = (experts read ahead, of them used) at decode: whether reading ahead pays
+    on this file (backends/offload/prefetch.py PrefetchGate) decides the overlap predicted."""
     import json
     import os
 
     path = _record_path(model_path)
-    old = _load_counts(path)
+    old = _load_record(path)
     new = [[int(c) for c in row] for row in counts]
-    if old and len(old) == len(new) and all(len(a) == len(b) for a, b in zip(old, new)):
-        new = [[a + b for a, b in zip(ra, rb)] for ra, rb in zip(old, new)]
+    prev = old.get("counts")
+    if prev and len(prev) == len(new) and all(len(a) == len(b) for a, b in zip(prev, new)):
+        new = [[a + b for a, b in zip(ra, rb)] for ra, rb in zip(prev, new)]
+    read, used = (int(old.get("prefetch_read", 0)) + int(prefetch[0]), int(old.get("prefetch_used", 0)) + int(prefetch[1]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"counts": new}))
+    tmp.write_text(json.dumps({"counts": new, "prefetch_read": read, "prefetch_used": used}))
     os.replace(tmp, path)
 
 
-def _load_counts(path):
+def _load_record(path) -> dict:
     import json
 
     try:
-        return json.loads(path.read_text())["counts"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        record = json.loads(path.read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def recorded_routing(model_path):
@@ -238,11 +252,25 @@ def recorded_routing(model_path):
 
     if not model_path or not os.path.exists(model_path):
         return Routing()
-    counts = _load_counts(_record_path(str(model_path)))
-    if not counts:
+    counts = _load_record(_record_path(str(model_path))).get("counts")
+    if not counts or not isinstance(counts, list):
         return Routing()
     freq = []
     for row in counts:
         total = sum(row)
         freq.append(tuple(c / total for c in row) if total else ())
     return Routing(tuple(freq))
+
+
+def recorded_prefetch_share(model_path) -> float | None:
+    """The share of read-aheads the stream engine's runs on this file used (None: too few)."""
+    import os
+
+    if not model_path or not os.path.exists(model_path):
+        return None
+    record = _load_record(_record_path(str(model_path)))
+    read = int(record.get("prefetch_read", 0) or 0)
+    return int(record.get("prefetch_used", 0) or 0) / read if read >= MIN_PREFETCH_RECORD else None
+
+
+MIN_PREFETCH_RECORD = 64  # read-aheads before their share says anything

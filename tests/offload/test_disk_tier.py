@@ -283,3 +283,92 @@ def test_ask_with_a_budget_that_cannot_hold_it_is_one_line_and_exit_2(tiny_model
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr
+
+
+# ---- reading ahead: only while it pays ------------------------------------------------------
+
+
+def test_the_prefetch_gate_stops_reading_ahead_that_goes_unused_and_resumes_when_it_pays():
+    from moechat.backends.offload.prefetch import PrefetchGate
+
+    gate = PrefetchGate(min_useful=0.6, window=64, probe_every=8)
+    assert all(gate.allow() for _ in range(10))  # nothing measured yet: read ahead
+    for _ in range(16):
+        gate.record(read=4, used=1)  # a quarter used
+    allowed = sum(gate.allow() for _ in range(64))
+    assert allowed == 8  # one chance in eight, to keep measuring
+    for _ in range(16):
+        gate.record(read=4, used=4)  # the window now holds only used read-aheads
+    assert gate.useful_share == 1.0 and all(gate.allow() for _ in range(10))
+
+
+def test_read_aheads_are_never_evicted_before_their_layer_runs(tmp_path, monkeypatch):
+    """Every demand miss and every read-ahead gets a slot with the other layers' pending
+    read-aheads protected, and nothing else but reads still in flight: a wrong guess whose
+    layer has run is evictable again (kept protected, wrong guesses filled the cache and the
+    over-RAM benchmark read twice the bytes per token)."""
+    from moechat.backends.engines.stream_engine import StreamEngine
+    from moechat.backends.model.model_card import read_model_card
+
+    from dataclasses import replace
+
+    from tests.fixtures.tiny_models import build_tiny_model, spec_for
+
+    spec = replace(spec_for("qwen2moe", "Q8_0"), n_layers=6)  # read-aheads span several layers
+    card = read_model_card(build_tiny_model("qwen2moe", tmp_path / "deep.gguf", "Q8_0", spec=spec))
+    engine = StreamEngine(card, n_ctx=256, threads=1, ram_budget=64 * GIB, progress=False, max_slots=12)
+    backend, checked = engine.backend, []
+    original, read = SlotCache.assign, backend.reader._read
+
+    def submit(offset, dest):  # reads land at once: what is protected is then deterministic
+        from concurrent.futures import Future
+
+        done = Future()
+        read(offset, dest)
+        done.set_result(None)
+        return done
+
+    def assign(self, key, protected=frozenset()):
+        pending = backend._read_ahead() - {key}
+        assert pending <= set(protected), "a pending read-ahead was left unprotected"
+        stale = set(protected) - pending - {(key[0], e) for e in range(card.n_experts)}
+        assert not stale, f"read-aheads whose layer ran still protected: {stale}"
+        checked.append(len(pending))
+        return original(self, key, protected)
+
+    monkeypatch.setattr(backend.reader, "submit", submit)
+    monkeypatch.setattr(SlotCache, "assign", assign)
+    try:
+        _tokens(engine, max_tokens=16)
+    finally:
+        engine.close()
+    assert backend.stats.prefetch_predicted > 0 and any(checked)
+
+
+def test_the_plan_predicts_no_overlap_where_the_record_shows_read_aheads_unused(tmp_path, monkeypatch):
+    """The stream engine leaves (read ahead, used) in the file's routing record; the plan
+    counts read time as hidden behind compute only where reading ahead paid."""
+    import dataclasses
+    from pathlib import Path
+
+    from moechat.backends.plan import streamed
+    from moechat.backends.plan.hardware_profile import read_profile
+    from tests.fixtures.random_geometry import geometry_card
+
+    monkeypatch.setenv("MOECHAT_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")  # the record is keyed by the file's path, size and mtime only
+    card = dataclasses.replace(geometry_card("mixtral-8x7b", qtype="Q8_0"), path=str(model))
+    prof = read_profile(Path(__file__).parents[1] / "profiles" / "laptop-ddr5-nogpu.json")
+    counts = [[1] * card.n_experts for _ in card.expert_layers]
+
+    def stream_row():
+        return streamed.over_ram(card, prof, 4096, disk=(3.0, 0.05))[1]
+
+    unknown = stream_row()
+    streamed.save_routing(str(model), counts, prefetch=(1000, 300))  # 30% used
+    unused = stream_row()
+    assert streamed.recorded_prefetch_share(str(model)) == pytest.approx(0.3)
+    assert unused.decode_tok_s < unknown.decode_tok_s and "no read-ahead (only 30%" in unused.note
+    streamed.save_routing(str(model), counts, prefetch=(9000, 9000))  # now 93% used
+    assert stream_row().decode_tok_s == pytest.approx(unknown.decode_tok_s)
