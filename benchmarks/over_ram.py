@@ -171,9 +171,13 @@ def main() -> int:
     model = str(Path(args.model) if args.model else default_model())
     size = os.path.getsize(model)
     root = os.geteuid() == 0 and CGROUP.exists()
-    disk = measure(model)
-    print(f"model {model}: {size / 1e9:.2f} GB; drive {disk.large_gbs:.2f} GB/s large reads "
-          f"(4 in flight), {disk.small_gbs * 1000:.0f} MB/s 4 KiB reads; caps by cgroup: {root}")
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.plan.disk_probe import read_size
+
+    slice_bytes = read_size(read_model_card(model).bytes_per_expert // 3)
+    disk = measure(model, slice_bytes)
+    print(f"model {model}: {size / 1e9:.2f} GB; drive {disk.large_gbs:.2f} GB/s with {slice_bytes >> 10} KiB reads "
+          f"(one expert slice, 4 in flight), {disk.small_gbs * 1000:.0f} MB/s 4 KiB reads; caps by cgroup: {root}")
     ref = run_child(["stream", model, str(args.tokens), "2", "stream", "64GiB"], None, args.timeout)
     if "error" in ref:
         print("reference run failed:", ref["error"])

@@ -1,7 +1,8 @@
-"""How fast the drive holding a model reads: at the stream engine's read size and queue depth
-(large direct reads, several in flight) and at 4 KiB (what page faults of a memory-mapped
-file come down to under memory pressure). Measured once per device (st_dev) on the model
-file itself, cached in cache_dir()/disk/.
+"""How fast the drive holding a model reads: at the stream engine's read size for that model
+(one expert slice, rounded to a power of two) and queue depth (direct reads, several in
+flight), and at 4 KiB (what page faults of a memory-mapped
+file come down to under memory pressure). Measured once per device (st_dev) and read
+size on the model file itself, cached in cache_dir()/disk/.
 
 Why by hand: fio is not a Python dependency and not installed on most machines; the probe
 is twenty preadv calls on threads, the same calls the engine makes.
@@ -10,6 +11,7 @@ is twenty preadv calls on threads, the same calls the engine makes.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import random
@@ -17,34 +19,44 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-LARGE_READ = 3 * 1024**2  # about one expert slice of a small MoE, a third of a big one's
-QUEUE_DEPTH = 4
+LARGE_READ = 3 * 1024**2  # default: about one expert slice of a small MoE, a third of a big one's
+READ_RANGE = (128 * 1024, 64 * 1024**2)  # read sizes probed (a model's slice, clamped)
+QUEUE_DEPTH = 4  # = plan/streamed.py READ_THREADS, the engine's reads in flight
 LARGE_TOTAL = 256 * 1024**2
 SMALL_READ = 4096
 SMALL_TOTAL = 4 * 1024**2
 ALIGN = 4096
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
 class DiskSpeed:
-    large_gbs: float  # GB/s with LARGE_READ direct reads, QUEUE_DEPTH in flight
+    large_gbs: float  # GB/s with large direct reads (the model's slice size), QUEUE_DEPTH in flight
     small_gbs: float  # GB/s with 4 KiB reads, one at a time
     direct: bool  # whether O_DIRECT was honoured (else buffered reads, page cache dropped)
 
 
-def disk_speed(path: str, refresh: bool = False) -> DiskSpeed:
-    """The cached speed of the device holding `path`, measured on first use."""
+def read_size(slice_bytes: int) -> int:
+    """The probe's large read for slices of `slice_bytes`: the power of two nearest, clamped."""
+    lo, hi = READ_RANGE
+    size = 1 << max(0, round(math.log2(max(1, slice_bytes))))
+    return min(hi, max(lo, size))
+
+
+def disk_speed(path: str, refresh: bool = False, read_bytes: int = LARGE_READ) -> DiskSpeed:
+    """The cached speed of the device holding `path` at `read_bytes` reads (rounded by
+    read_size), measured on first use."""
     from moechat.backends.paths import cache_dir
 
     dev = os.stat(path).st_dev
-    cached = cache_dir() / "disk" / f"dev-{dev}-v{VERSION}.json"
+    read_bytes = read_size(read_bytes)
+    cached = cache_dir() / "disk" / f"dev-{dev}-r{read_bytes // 1024}k-v{VERSION}.json"
     if not refresh and cached.exists():
         try:
             return DiskSpeed(**json.loads(cached.read_text()))
         except (OSError, ValueError, TypeError):
             pass
-    speed = measure(path)
+    speed = measure(path, read_bytes)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(asdict(speed)))
@@ -52,7 +64,7 @@ def disk_speed(path: str, refresh: bool = False) -> DiskSpeed:
     return speed
 
 
-def measure(path: str) -> DiskSpeed:
+def measure(path: str, read_bytes: int = LARGE_READ) -> DiskSpeed:
     size = os.stat(path).st_size
     try:
         fd, direct = os.open(path, os.O_RDONLY | os.O_DIRECT), True
@@ -60,7 +72,7 @@ def measure(path: str) -> DiskSpeed:
         fd, direct = os.open(path, os.O_RDONLY), False
     try:
         rng = random.Random(0)
-        large = _rate(fd, size, LARGE_READ, QUEUE_DEPTH, LARGE_TOTAL, direct, rng)
+        large = _rate(fd, size, read_bytes, QUEUE_DEPTH, LARGE_TOTAL, direct, rng)
         small = _rate(fd, size, SMALL_READ, 1, SMALL_TOTAL, direct, rng)
     finally:
         os.close(fd)

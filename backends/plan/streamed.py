@@ -142,7 +142,7 @@ def over_ram(card, profile, n_ctx: int, routing=None, disk: tuple[float, float] 
     stream: S experts per layer in RAM (size_stream), misses read at the large-read rate."""
     from moechat.backends.plan import cost_model as cm
 
-    large_gbs, small_gbs = disk or disk_rates(card.path)
+    large_gbs, small_gbs = disk or disk_rates(card.path, card.bytes_per_expert // 3)
     routing = routing or recorded_routing(card.path)
     budget = cm.ram_capacity_bytes(profile)
     layers = card.expert_layers or tuple(range(card.n_layers))
@@ -189,14 +189,16 @@ def over_ram(card, profile, n_ctx: int, routing=None, disk: tuple[float, float] 
 LARGEST_READ_GUESS = 4 * MIB  # a bounce buffer per read thread (the engine sizes its own exactly)
 
 
-def disk_rates(path) -> tuple[float, float]:
+def disk_rates(path, slice_bytes: int = 3 * MIB) -> tuple[float, float]:
+    """(large, 4 KiB) read GB/s of the drive holding `path`, large = the engine's reads of
+    one expert slice (gate, up or down of one expert)."""
     import os
 
     if not path or not os.path.exists(path):
         return NOMINAL_DISK
     from moechat.backends.plan.disk_probe import disk_speed
 
-    s = disk_speed(str(path))
+    s = disk_speed(str(path), read_bytes=slice_bytes)
     return s.large_gbs, s.small_gbs
 
 

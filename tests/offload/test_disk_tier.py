@@ -372,3 +372,20 @@ def test_the_plan_predicts_no_overlap_where_the_record_shows_read_aheads_unused(
     assert unused.decode_tok_s < unknown.decode_tok_s and "no read-ahead (only 30%" in unused.note
     streamed.save_routing(str(model), counts, prefetch=(9000, 9000))  # now 93% used
     assert stream_row().decode_tok_s == pytest.approx(unknown.decode_tok_s)
+
+
+def test_the_drive_is_probed_at_the_models_slice_size_and_cached_per_size(tmp_path, monkeypatch):
+    from moechat.backends.plan import disk_probe
+
+    monkeypatch.setenv("MOECHAT_CACHE_DIR", str(tmp_path / "cache"))
+    assert disk_probe.read_size(900_000) == 1024**2  # a 0.9 MB slice: 1 MiB reads
+    assert disk_probe.read_size(3_000) == 128 * 1024 and disk_probe.read_size(10**9) == 64 * 1024**2
+    model = tmp_path / "model.gguf"
+    model.write_bytes(np.random.default_rng(0).integers(0, 255, 8 * 1024**2, dtype=np.uint8).tobytes())
+    probed = []
+    real = disk_probe.measure
+    monkeypatch.setattr(disk_probe, "measure", lambda path, n: probed.append(n) or real(path, n))
+    small = disk_probe.disk_speed(str(model), read_bytes=200_000)
+    again = disk_probe.disk_speed(str(model), read_bytes=260_000)  # same power of two: cached
+    disk_probe.disk_speed(str(model), read_bytes=2 * 1024**2)
+    assert probed == [256 * 1024, 2 * 1024**2] and again == small and small.large_gbs > 0
