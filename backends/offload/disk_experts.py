@@ -232,7 +232,9 @@ class DiskExperts:
         s.ram_hits += int(sum(counts[e] for _, e in ready))
         s.prefetch_hits += int(sum(counts[e] for _, e in ready if e in guessed))
         s.misses += int(sum(counts[e] for e in group)) - int(sum(counts[e] for _, e in ready))
-        self._wait([k for k in list(self.inflight) if k not in keys and self._ready(k)])  # landed: unprotect
+        # this layer's unused read-aheads: wait for them (issued a layer or more ago) and let
+        # them go, so what stays protected never depends on how fast the drive was
+        self._wait([k for k in list(self.inflight) if k[0] == layer and k not in keys])
         protected = set(keys) | set(self.inflight) | self._read_ahead()  # never reuse a slot a read is filling
         for key in misses:
             try:
