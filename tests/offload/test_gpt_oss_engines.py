@@ -2,8 +2,9 @@
 experts (the type gpt-oss ships in): the same greedy tokens as `--engine llama.cpp`.
 
 HOBBIT's own point is to compute unimportant experts from low-precision copies, which
-changes the output by design; `--hobbit-low none` keeps its cache in the file's precision
-and must then agree token for token. Its default (int2 copies for an MXFP4 file) runs too.
+changes the output by design. Its default (`--hobbit-low auto`) keeps none without a GPU,
+so here it must agree token for token, as `none` must; the int2 copies a GPU would get
+for an MXFP4 file run when asked for by name.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def reference(gpt_oss_mxfp4):
 @pytest.mark.parametrize("engine_args", [
     ["--engine", "torch"],
     ["--engine", "fiddler"],
+    ["--engine", "hobbit"],
     ["--engine", "hobbit", "--hobbit-low", "none"],
 ])
 def test_greedy_tokens_equal_llamacpp(gpt_oss_mxfp4, reference, engine_args):
@@ -52,8 +54,8 @@ def test_greedy_tokens_equal_llamacpp(gpt_oss_mxfp4, reference, engine_args):
     assert reply["token_ids"] == reference
 
 
-def test_hobbit_default_int2_copies_run(gpt_oss_mxfp4):
-    reply = _ask(gpt_oss_mxfp4, "--engine", "hobbit", "--vram-budget", "50%")
+def test_hobbit_int2_copies_run(gpt_oss_mxfp4):
+    reply = _ask(gpt_oss_mxfp4, "--engine", "hobbit", "--hobbit-low", "int2", "--vram-budget", "50%")
     s = reply["stats"]
     assert "rest int2" in s["placement"]
     assert s["low_hits"] + s["misses"] > 0 and len(reply["token_ids"]) == 16

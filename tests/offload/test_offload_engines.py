@@ -138,8 +138,9 @@ def test_hobbit_engine_answers_with_low_precision_and_prefetch(demo_model):
 
     # T1 = 0.5: every second expert is "less important", so misses load int4 copies; a
     # quarter of the experts fit, so the cache misses, evicts and prefetches
+    # (on the CPU, auto keeps no low copies: int4 is asked for by name)
     engine = HobbitEngine(read_model_card(demo_model), n_ctx=256, threads=1,
-                          vram_budget=("share", 0.25), t1=0.5, progress=False)
+                          vram_budget=("share", 0.25), low_format="int4", t1=0.5, progress=False)
     try:
         events = list(engine.generate(PARIS, Sampling(max_tokens=12)))
         second = list(engine.generate(PARIS, Sampling(max_tokens=3)))
