@@ -5,6 +5,7 @@ runtime's KV cache is the size the model card (and llama.cpp) says."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,19 +14,24 @@ import pytest
 from tests.fixtures.tiny_models import tiny_model_path
 
 PROMPT = "Write one sentence about the sea."
-# The fixtures (F32) and a quantized file each. Q4_K files are left to the torch engine below:
-# their 256-wide random models alternate between near-tied tokens, and Fiddler's resident
-# experts (dequantized, float32 activations) and HOBBIT's int4 copies round differently from
-# ggml's Q8_K activations — measured: both flip such a tie within 16 tokens on phimoe Q4_K.
+# The fixtures (F32) and quantized files. The 256-wide Q4_K models alternate between nearly
+# tied tokens: they hold because on the CPU every engine computes each expert with ggml's
+# kernel (Fiddler's and HOBBIT's "resident" experts too: offload/expert_compute.GgmlExpert),
+# and HOBBIT keeps no low-precision copies without a GPU (--hobbit-low auto). Before that,
+# dequantized float32 products flipped a tie within 16 tokens on phimoe Q4_K.
 CASES = [("deepseek2", "F32"), ("deepseek2-v3", "F32"), ("phimoe", "F32"),
-         ("deepseek2-v3", "Q8_0"), ("phimoe", "Q6_K")]
+         ("deepseek2-v3", "Q8_0"), ("phimoe", "Q6_K"),
+         ("deepseek2", "Q4_K"), ("deepseek2-v3", "Q4_K"), ("phimoe", "Q4_K")]
 ENGINES = ("torch", "fiddler", "hobbit")
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the acceptance is on the CPU, GPU or not
 
-def ask_tokens(path, engine: str) -> list[int]:
+
+def ask_tokens(path, engine: str, *extra: str, prompt: str = PROMPT) -> list[int]:
     out = subprocess.run([sys.executable, "-m", "moechat.app.cli", "ask", "--model", str(path), "--engine", engine,
-                          "--threads", "1", "--max-tokens", "16", "--json", PROMPT],
-                         capture_output=True, text=True, timeout=300)
+                          "--threads", "1", "--max-tokens", "16", "--json", *extra, prompt],
+                         capture_output=True, text=True, timeout=300, env=CPU_ONLY)
     assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
     reply = json.loads(out.stdout)
     assert reply["engine"] == engine
     return reply["token_ids"]
@@ -34,16 +40,10 @@ def ask_tokens(path, engine: str) -> list[int]:
 @pytest.mark.parametrize("arch, expert_type", CASES)
 def test_ask_every_engine_gives_llamacpp_greedy_tokens(arch, expert_type):
     path = tiny_model_path(arch, expert_type)
-    ref = ask_tokens(path, "llama.cpp")
+    ref = ask_tokens(path, "llama.cpp")  # one reference per file
     assert len(ref) == 16
     for engine in ENGINES:
         assert ask_tokens(path, engine) == ref, engine
-
-
-@pytest.mark.parametrize("arch", ["deepseek2", "deepseek2-v3", "phimoe"])
-def test_torch_engine_greedy_equals_llamacpp_on_k_quants(arch):
-    path = tiny_model_path(arch, "Q4_K")
-    assert ask_tokens(path, "torch") == ask_tokens(path, "llama.cpp")
 
 
 @pytest.mark.parametrize("arch", ["deepseek2", "deepseek2-v3"])

@@ -45,7 +45,8 @@ class HobbitEngine(OffloadEngine):
         a = model.args
         self.backend = HobbitExperts(store, self.devices, low, cache, routers, a.n_experts,
                                      a.n_experts_used, model.dtype, allow_skip=skip,
-                                     prefetch=prefetch and bits > 0, t1=T1 if t1 is None else t1)
+                                     prefetch=prefetch and bits > 0, t1=T1 if t1 is None else t1,
+                                     cpu=model.cpu_kernels)
         model.expert_backend = self.backend
         where = "GPU" if self.devices.has_cuda else "CPU standing in for the GPU"
         tiers = (f"{HIGH_FRACTION:.0%} {expert_type}, rest int{bits}" if bits else
