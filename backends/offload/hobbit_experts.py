@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from moechat.backends.offload.devices import CopyStream, Devices, StagingBuffer, pin
