@@ -25,8 +25,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "the memory cgroup's limit); the stream engine sizes its expert "
                              "cache to it (default: what is available, minus headroom)")
     parser.add_argument("--hobbit-low", choices=("auto", "int4", "int2", "none"), default="auto",
-                        help="low-precision expert format (hobbit engine; auto: int2 if the "
-                             "file is already <= 4-bit, else int4; none: no low tier)")
+                        help="low-precision expert format (hobbit engine; auto: none without a "
+                             "GPU, on a GPU int2 if the file is already <= 4-bit, else int4; "
+                             "none: no low tier)")
     parser.add_argument("--skip", action="store_true",
                         help="skip the least important experts on a cache miss (hobbit engine)")
     parser.add_argument("--force", action="store_true", help="load even if it seems not to fit")

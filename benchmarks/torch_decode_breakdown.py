@@ -33,7 +33,7 @@ def main() -> int:
     import torch
 
     from moechat.backends.plan.threads import default_threads
-    from moechat.backends.runtime import experts, kv_cache, layers, llama, load_model
+    from moechat.backends.runtime import experts, kv_cache, llama, load_model, rope
     from moechat.kernels import ggml
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +60,7 @@ def main() -> int:
         (llama.Model, "attention", "attention block (incl. its ggml)"),
         (llama.Model, "feed_forward", "feed-forward block (incl. its ggml)"),
         (llama, "attention", "  attention core (torch)"),
-        (layers.Rope, "__call__", "  RoPE (torch)"),
+        (rope.Rope, "__call__", "  RoPE (torch)"),
         (kv_cache.KVCache, "update", "  KV-cache write (torch)"),
         (llama, "rms_norm", "RMSNorm (torch)"),
         (llama, "route", "routing (torch)"),

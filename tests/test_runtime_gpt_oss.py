@@ -40,7 +40,7 @@ def test_gpt_oss_parity(expert_type):
 
 def test_sliding_window_sinks_and_yarn_match_llamacpp(short_window, monkeypatch):
     import moechat.backends.runtime.gpt_oss as gpt_oss
-    import moechat.backends.runtime.layers as layers
+    import moechat.backends.runtime.rope as rope
 
     ref = llama_logits(short_window, TOKENS)
     got, model = torch_logits(short_window, TOKENS)
@@ -50,7 +50,7 @@ def test_sliding_window_sinks_and_yarn_match_llamacpp(short_window, monkeypatch)
     broken = {
         "sinks": (gpt_oss, "_softmax_with_sink", lambda s, sink: torch.softmax(s, -1)),
         "window": (gpt_oss, "sliding_windows", lambda n, w, p=None: [0] * n),
-        "yarn": (layers, "_yarn_ramp", lambda dims, *a: np.zeros(dims // 2, np.float32)),
+        "yarn": (rope, "yarn_ramp", lambda dims, *a: np.zeros(dims // 2, np.float32)),
     }
     for name, (module, attr, fake) in broken.items():
         with monkeypatch.context() as m:

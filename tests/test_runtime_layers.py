@@ -3,7 +3,8 @@ runs), and CPU attention gives a decode step exactly what a prefill gives at tha
 
 import torch
 
-from moechat.backends.runtime.layers import Rope, attention_batched, attention_per_query, rms_norm
+from moechat.backends.runtime.layers import attention_batched, attention_per_query, rms_norm
+from moechat.backends.runtime.rope import Rope
 
 
 def _qkv(t: int, s: int, heads: int = 6, kv_heads: int = 2, head_dim: int = 16, seed: int = 0):
@@ -55,3 +56,29 @@ def test_rms_norm_matches_formula():
     x64, w64 = x.double(), w.double()
     formula = x64 / x64.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * w64
     assert (rms_norm(x, w, 1e-5).double() - formula).abs().max() < 1e-5
+
+
+def test_rope_tables_follow_ggml_rope_yarn():
+    """One table builder for every architecture: YaRN keeps the original angle for the
+    fast pairs (below the correction range), the interpolated one for the slow pairs, blends
+    in between, and scales cos/sin by attn_factor (1 + 0.1 ln(1/freq_scale)); without YaRN,
+    angles are just interpolated and scaled by attn_factor."""
+    import math
+
+    import numpy as np
+
+    from moechat.backends.runtime.rope import Yarn, rope_tables, yarn_corr_dims
+
+    n, base, fs, yarn = 32, 10000.0, 1 / 8, Yarn(4096)
+    cos, sin = rope_tables(n, base, 200, fs, yarn=yarn, attn_factor=0.5)
+    low, high = yarn_corr_dims(n, yarn, base)
+    assert 0 < low < high < n // 2  # all three kinds of pair occur
+    pos, pair = np.arange(200)[:, None], np.arange(n // 2)[None, :]
+    extrap = pos * base ** (-2 * pair / n)
+    ramp = 1 - np.clip((pair - low) / max(0.001, high - low), 0, 1)
+    angles = fs * extrap * (1 - ramp) + extrap * ramp
+    mscale = 0.5 * (1 + 0.1 * math.log(1 / fs))
+    np.testing.assert_allclose(cos, np.cos(angles) * mscale, atol=1e-4)
+    np.testing.assert_allclose(sin, np.sin(angles) * mscale, atol=1e-4)
+    plain_cos, _ = rope_tables(n, base, 200, fs, attn_factor=0.5)
+    np.testing.assert_allclose(plain_cos, np.cos(fs * extrap) * 0.5, atol=1e-4)

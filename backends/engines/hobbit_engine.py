@@ -2,7 +2,7 @@
 
 On a miss, an expert that matters less to this token (unimportance in (T1, T2]) loads as
 its groupwise int4/int2 copy — 3–6× fewer bytes — and past T2 is skipped when --skip is
-given; the next layers' experts are prefetched from stacked routers; eviction weighs
+given (low copies by default only with a GPU: offload/low_copies.py); the next layers' experts are prefetched from stacked routers; eviction weighs
 recency, frequency, high-precision use and layer distance, per sequence (one reply).
 Without CUDA, the CPU stands in for the GPU: slow, correct.
 """
@@ -34,7 +34,7 @@ class HobbitEngine(OffloadEngine):
         model = self.model
         store = model.experts
         expert_type = store.expert(store.layers[0], 0).gate.type_name
-        bits = low_bits(low_format, expert_type)
+        bits = low_bits(low_format, expert_type, self.devices.has_cuda)  # auto: none without a GPU
         low = load_or_build(card.path, bits, progress)
         total = all_expert_bytes(store)
         budget = (budget_bytes(vram_budget, total) if vram_budget is not None
@@ -45,7 +45,8 @@ class HobbitEngine(OffloadEngine):
         a = model.args
         self.backend = HobbitExperts(store, self.devices, low, cache, routers, a.n_experts,
                                      a.n_experts_used, model.dtype, allow_skip=skip,
-                                     prefetch=prefetch and bits > 0, t1=T1 if t1 is None else t1)
+                                     prefetch=prefetch and bits > 0, t1=T1 if t1 is None else t1,
+                                     cpu=model.cpu_kernels)
         model.expert_backend = self.backend
         where = "GPU" if self.devices.has_cuda else "CPU standing in for the GPU"
         tiers = (f"{HIGH_FRACTION:.0%} {expert_type}, rest int{bits}" if bits else

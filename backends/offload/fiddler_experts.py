@@ -16,7 +16,7 @@ import torch
 
 from moechat.backends.offload.devices import CpuWorker, Devices, StagingBuffer, pin
 from moechat.backends.offload.expert_compute import (
-    DeviceExpert, combine, device_expert, host_parts, token_groups,
+    DeviceExpert, GgmlExpert, combine, device_expert, host_parts, token_groups,
 )
 from moechat.backends.offload.fiddler_policy import ExpertShape, OnlineCostModel
 from moechat.backends.offload.stats import OffloadStats
@@ -33,11 +33,14 @@ class FiddlerExperts:
         self.stats = OffloadStats()
         self.recorder: TraceRecorder | None = None
         self.worker = CpuWorker()
-        self.resident: dict[tuple[int, int], DeviceExpert] = {}
+        # without a GPU, "resident" experts run ggml's kernel on the CPU backend the CPU
+        # experts use (expert_compute.GgmlExpert): the same numbers as the CPU side
+        self.cpu = next(iter(cpu_layers.values())).backend if cpu_layers else None
+        self.resident: dict[tuple[int, int], DeviceExpert | GgmlExpert] = {}
         for layer, expert in sorted(placement):
             w = store.expert(layer, expert)
             parts = [p.to(devices.gpu) if devices.has_cuda else p.clone() for p in host_parts(w)]
-            self.resident[(layer, expert)] = device_expert(w, parts)
+            self.resident[(layer, expert)] = device_expert(w, parts, self.cpu)
         biggest = max(store.expert(l, 0).nbytes for l in store.layers)
         self.staging = StagingBuffer(biggest + 4 * 256, devices)
         self.shapes = {l: _shape(store, l) for l in store.layers}
@@ -83,7 +86,7 @@ class FiddlerExperts:
             t0 = time.perf_counter()
             w = self.store.expert(layer, e)
             parts, moved = self.staging.load(host_parts(w))
-            y[tok, slot] = device_expert(w, parts).forward(x[tok]).float()
+            y[tok, slot] = device_expert(w, parts, self.cpu).forward(x[tok]).float()
             s.bytes_copied += w.nbytes
             self._sync()
             self.model.observe("copy", shape, len(tok), time.perf_counter() - t0)
@@ -126,6 +129,9 @@ class FiddlerExperts:
 
     def close(self) -> None:
         self.worker.close()
+        for e in self.resident.values():
+            if isinstance(e, GgmlExpert):
+                e.close()
         self.resident.clear()
 
 
@@ -145,8 +151,8 @@ def measure_costs(store, cpu_layers: dict, devices, dtype, repeats: int = 3):
     w = store.expert(layer, 0)
     shape = _shape(store, layer)
     parts = [p.to(devices.gpu) if devices.has_cuda else p.clone() for p in host_parts(w)]
-    resident = device_expert(w, parts)
     kernel = cpu_layers[layer]
+    resident = device_expert(w, parts, kernel.backend)
 
     def best(fn):
         fn()  # warm-up (graph build, allocation)

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from moechat.backends.offload.devices import CopyStream, Devices, StagingBuffer, pin
 from moechat.backends.offload.expert_compute import (
-    DeviceExpert, combine, device_expert, host_parts, low_expert_forward, token_groups,
+    DeviceExpert, GgmlExpert, combine, device_expert, host_parts, low_expert_forward, token_groups,
 )
 from moechat.backends.offload.hobbit_cache import HobbitCache
 from moechat.backends.offload.hobbit_loading import HIGH, LOW, SKIP, T1, T2, per_expert_need, wanted_precision
@@ -27,6 +26,7 @@ from moechat.backends.offload.low_copies import LowCopies
 from moechat.backends.offload.prefetch import MAX_DEPTH, adaptive_targets, predict_experts
 from moechat.backends.offload.stats import OffloadStats
 from moechat.backends.offload.trace import TraceRecorder
+from moechat.kernels.ggml import CpuBackend
 
 
 PIN_LIMIT = 4 * 1024**3  # pin the low copies only up to this much page-locked RAM
@@ -35,12 +35,16 @@ PIN_LIMIT = 4 * 1024**3  # pin the low copies only up to this much page-locked R
 class HobbitExperts:
     def __init__(self, store, devices: Devices, low: LowCopies, cache: HobbitCache,
                  stacked_routers: torch.Tensor, n_experts: int, top_k: int, dtype: torch.dtype,
-                 allow_skip: bool = False, prefetch: bool = True, t1: float = T1, t2: float = T2):
+                 allow_skip: bool = False, prefetch: bool = True, t1: float = T1, t2: float = T2,
+                 cpu: CpuBackend | None = None):
+        """cpu: ggml's CPU backend; without a GPU, high-tier experts are computed with it
+        (expert_compute.GgmlExpert: llama.cpp's numerics)."""
         self.store, self.devices, self.low_copies, self.cache = store, devices, low, cache
+        self.cpu = cpu
         self.stacked, self.n_experts, self.top_k, self.dtype = stacked_routers, n_experts, top_k, dtype
         self.allow_skip, self.prefetch, self.t1, self.t2 = allow_skip, prefetch, t1, t2
         self.n_layers = cache.n_layers
-        self.high: dict[tuple[int, int], DeviceExpert] = {}
+        self.high: dict[tuple[int, int], DeviceExpert | GgmlExpert] = {}
         self.low: dict[tuple[int, int], tuple] = {}
         self.pending: dict[tuple[int, int], object] = {}  # prefetched, not yet checked -> copy event
         self.stream = CopyStream(devices)
@@ -60,10 +64,10 @@ class HobbitExperts:
         self.position = 0
 
     # ---- loading ----------------------------------------------------------------------
-    def _load_high(self, key) -> DeviceExpert:
+    def _load_high(self, key) -> DeviceExpert | GgmlExpert:
         w = self.store.expert(*key)
         self.stats.bytes_copied += w.nbytes
-        return device_expert(w, self.staging.upload(host_parts(w)))
+        return device_expert(w, self.staging.upload(host_parts(w)), self.cpu)
 
     def _load_low(self, key) -> tuple:
         parts = self.low_copies.experts[key]

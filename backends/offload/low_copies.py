@@ -1,11 +1,18 @@
 """HOBBIT's low-precision expert copies: a groupwise int4 (or int2) copy of every routed
 expert, derived once from the file's own experts and cached on disk keyed by the file.
 
-`--hobbit-low auto` picks int4, or int2 when the file's experts are already <= 4-bit
-(the low copy must be meaningfully smaller than what it stands in for). MXFP4 files
-(gpt-oss, 4.25 bits per weight) get int2 too: 3 bits with its group scale and minimum,
-1.4x fewer bytes per fill. `none` keeps no low tier: every expert is computed in the
-file's own precision (the output is then llama.cpp's).
+Low copies exist to cut the bytes a cache miss moves over the host->GPU link. So
+`--hobbit-low auto` means:
+- no GPU (the CPU stands in for it): no low copies — there is no link to save bytes on,
+  and every expert is computed in the file's own precision (llama.cpp's output);
+- a GPU: int4, or int2 when the file's experts are already under 5 bits per weight (the
+  low copy must be meaningfully smaller than what it stands in for). MXFP4 files (gpt-oss,
+  4.25 bits per weight) get int2: 3 bits with its group scale and minimum, 1.4x fewer
+  bytes per fill (int4 would be 5 bits: more bytes than the MXFP4 original).
+`int4` / `int2` ask for that format on any device (how the low tier is tested on the CPU);
+`none` keeps no low tier anywhere. The planner's HOBBIT prediction (a GPU placement,
+plan/cost_model.py `_hobbit_low_bits`) assumes the GPU rule; `auto_low_bits` is the one
+place it is decided.
 """
 
 from __future__ import annotations
@@ -34,12 +41,21 @@ def expert_bits_per_weight(type_name: str) -> float:
     return 8 * size / block
 
 
-def low_bits(fmt: str, expert_type: str) -> int:
+def auto_low_bits(expert_type: str, has_gpu: bool) -> int:
+    """What `--hobbit-low auto` picks: 0 (no low copies) without a GPU; on a GPU int2 for
+    files under 5 bits per weight (MXFP4, Q4_*, ...), else int4."""
+    if not has_gpu:
+        return 0
+    return 2 if expert_bits_per_weight(expert_type) < 5 else 4
+
+
+def low_bits(fmt: str, expert_type: str, has_gpu: bool) -> int:
+    """Bits of the low copies for `--hobbit-low fmt` (0: no low tier)."""
     if fmt not in LOW_FORMATS:
         raise MoechatError(f"unknown --hobbit-low {fmt!r} (choose from {', '.join(LOW_FORMATS)})")
     if fmt == "auto":
-        return 2 if expert_bits_per_weight(expert_type) < 5 else 4
-    return 0 if fmt == "none" else int(fmt[3:])  # 0: no low copies
+        return auto_low_bits(expert_type, has_gpu)
+    return 0 if fmt == "none" else int(fmt[3:])
 
 
 @dataclass(slots=True)

@@ -42,8 +42,10 @@ HOBBIT_HIGH_SHARE = 0.67  # share of misses loaded in the file's precision (HOBB
 
 
 def _hobbit_low_bits(type_name: str) -> float:
-    """The engine's low copy (backends/offload/low_copies.py, --hobbit-low auto): groupwise
-    int4 (5 bits/weight with fp16 scale + min per 32) or int2 (3 bits) for files under 5 bits."""
+    """The engine's low copy on a GPU (backends/offload/low_copies.py auto_low_bits, --hobbit-low
+    auto): groupwise int4 (5 bits/weight with fp16 scale + min per 32) or int2 (3 bits) for
+    files under 5 bits. (Without a GPU auto keeps none, but a HOBBIT placement is only
+    predicted with one.)"""
     return 3.0 if BITS.get(type_name, 4.5) < 5 else 5.0
 FALLBACK_GPU_MEM_GBS = 300.0  # when a profile lacks measured GPU bandwidth
 FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured

@@ -79,8 +79,8 @@ def model_args(metadata: dict, tensors: dict) -> ModelArgs:
     elif int(get("attention.value_length", head_dim)) != head_dim:
         raise MoechatError(f"{name}: different K and V head sizes are not supported")
     scaling = get("rope.scaling.type", "none")
-    # YaRN: deepseek2 builds its own tables (runtime/yarn.py), the others through layers.Rope;
-    # every other non-linear scaling is refused
+    # YaRN: every architecture's tables come from runtime/rope.py; every other non-linear
+    # scaling is refused
     if scaling not in ("none", "linear", "yarn"):
         raise MoechatError(f"{name}: RoPE scaling {scaling!r} is not supported by the torch runtime")
     factor = float(get("rope.scaling.factor", 1.0) or 1.0) if scaling != "none" else 1.0

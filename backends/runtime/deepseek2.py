@@ -13,7 +13,8 @@ Per layer:  n  = rms(x) * attn_norm
             y  = h + ffn(n2),  n2 = rms(h) * ffn_norm
             ffn = SwiGLU (the first `leading_dense_block_count` layers) or
                   routed experts + shared experts (one SwiGLU of n_shared x I, always run)
-The attention scale is 1/sqrt(Dn + Dr) (no YaRN). On the CPU, attn_norm with Wq(_a) and
+The attention scale is 1/sqrt(Dn + Dr), times mscale² with YaRN (real V2/V2-Lite files;
+the RoPE tables themselves are rope.py's, as for every architecture). On the CPU, attn_norm with Wq(_a) and
 Wkv_a is one ggml graph, and Wo with the residual, ffn_norm, the router and the shared
 experts' gate and up another (layers.normed_linears).
 
@@ -31,9 +32,9 @@ import torch
 from moechat.backends.runtime import llama
 from moechat.backends.runtime.gguf_weights import RawTensor
 from moechat.backends.runtime.gating import GATING_SOFTMAX, route_grouped
-from moechat.backends.runtime.layers import Linear, Rope, normed_linears, rms_norm, swiglu
+from moechat.backends.runtime.layers import Linear, normed_linears, rms_norm, swiglu
 from moechat.backends.runtime.mla import LatentCache, latent_attention
-from moechat.backends.runtime.yarn import yarn_tables
+from moechat.backends.runtime.rope import Rope, Yarn, deepseek2_attn_factor
 from moechat.kernels.ggml import CpuBackend
 from moechat.kernels.ggml_heads import HeadwiseLinear
 
@@ -118,36 +119,32 @@ class MLALayer:
         self.post_attention = normed_linears(self.ffn_norm, self.eps, reads_norm, w_in=self.wo)
 
 
+def yarn_softmax_scale(meta: dict, attn_factor: float, factor: float, key_dim: int) -> float:
+    """llama.cpp's DeepSeek softmax scale with YaRN: mscale² / sqrt(Dk), mscale = attn_factor ·
+    (1 + yarn_log_multiplier · ln(factor)). The converter writes 0.1 x the checkpoint's
+    mscale_all_dim; llama.cpp's loader divides by 0.1 again and its graph multiplies by 0.1."""
+    log_mul = float(meta.get("deepseek2.rope.scaling.yarn_log_multiplier", 0.0))
+    mscale = np.float32(attn_factor) * np.float32(1.0 + 0.1 * np.float32(log_mul / 0.1) * np.log(factor))
+    return float(mscale * mscale / np.float32(np.sqrt(key_dim)))
+
+
 class Model(llama.Model):
     def __init__(self, args, weights, *rest):
         self.mla = MLAArgs.from_metadata(weights.metadata, args.head_dim)
         super().__init__(args, weights, *rest)
         a, m = args, self.mla
         # RoPE rotates only the Dr-wide parts, in adjacent pairs (llama.cpp's NORM mode)
-        self.rope = Rope(m.rope_dim, m.rope_dim, a.rope_base, False, self.max_tokens, a.rope_scale,
-                         None, self.device)
-        self.attn_scale = a.attn_scale
         meta = weights.metadata
-        if meta.get("deepseek2.rope.scaling.type") == "yarn":
-            self.use_yarn(meta)
-
-    def use_yarn(self, meta: dict) -> None:
-        """YaRN RoPE tables (yarn.py) and llama.cpp's DeepSeek softmax scale: mscale² / sqrt(Dk),
-        mscale = attn_factor · (1 + yarn_log_multiplier · ln(factor)) (the file's multiplier
-        is 0.1 x the checkpoint's mscale_all_dim)."""
-        a, m = self.args, self.mla
-        factor = float(meta["deepseek2.rope.scaling.factor"])
-        original = int(meta.get("deepseek2.rope.scaling.original_context_length",
-                                meta["deepseek2.context_length"]))
-        attn_factor = float(meta.get("deepseek2.rope.scaling.attn_factor", 1.0) or 1.0)
-        cos, sin = yarn_tables(m.rope_dim, a.rope_base, self.max_tokens, factor, original, attn_factor,
-                               self.device)
-        self.rope.cos, self.rope.sin, self.rope.turn = cos, sin, torch.complex(cos, sin)
-        # the converter writes 0.1 x mscale_all_dim; llama.cpp's loader divides by 0.1 again and
-        # its graph multiplies by 0.1: mscale = attn_factor (1 + yarn_log_multiplier ln factor)
-        log_mul = float(meta.get("deepseek2.rope.scaling.yarn_log_multiplier", 0.0))
-        mscale = np.float32(attn_factor) * np.float32(1.0 + 0.1 * np.float32(log_mul / 0.1) * np.log(factor))
-        self.attn_scale = float(mscale * mscale / np.float32(np.sqrt(m.nope_dim + m.rope_dim)))
+        yarn = Yarn(a.rope_yarn_orig_ctx, a.rope_yarn_beta_fast, a.rope_yarn_beta_slow) if a.rope_yarn_orig_ctx else None
+        file_attn_factor = float(meta.get("deepseek2.rope.scaling.attn_factor", 1.0) or 1.0)
+        # llama.cpp hands ggml the file's factor over YaRN's own mscale (rope.py)
+        attn_factor = deepseek2_attn_factor(file_attn_factor, a.rope_scale) if yarn else 1.0
+        self.rope = Rope(m.rope_dim, m.rope_dim, a.rope_base, False, self.max_tokens, a.rope_scale,
+                         None, self.device, yarn, attn_factor)
+        self.attn_scale = a.attn_scale
+        if yarn is not None:
+            factor = float(meta["deepseek2.rope.scaling.factor"])
+            self.attn_scale = yarn_softmax_scale(meta, file_attn_factor, factor, m.nope_dim + m.rope_dim)
 
     def load_layer(self, i: int) -> MLALayer:
         p = f"blk.{i}."

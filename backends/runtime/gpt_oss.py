@@ -6,7 +6,7 @@ plus
   (the probabilities over the real keys then sum to less than 1);
 - alternating attention: even layers see a sliding window of the last W tokens, odd
   layers everything; the sliding layers' KV cache holds only its window (swa_cache.py);
-- NEOX RoPE, YaRN-scaled in the released models (config + layers.Rope);
+- NEOX RoPE, YaRN-scaled in the released models (config + rope.py);
 - the norm before the experts is called `post_attention_norm`;
 - gating: top-A of the router logits, softmax over just those A (route_softmax_selected);
 - experts with a bias on each product and the clamped SwiGLU (alpha 1.702, limit 7) —

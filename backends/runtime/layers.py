@@ -1,4 +1,5 @@
-"""The runtime's building blocks: linear layers on GGUF weights, RMSNorm, RoPE, attention.
+"""The runtime's building blocks: linear layers on GGUF weights, RMSNorm, attention, the
+gated activations (RoPE: rope.py).
 
 Axis legend: T new tokens, S cached + new tokens, D model dim, H query heads,
 Hkv key/value heads, Dh head dim, N output features.
@@ -6,7 +7,6 @@ Hkv key/value heads, Dh head dim, N output features.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,70 +76,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x²) + eps) * weight over the last dim, one fused op (float32: activations
     are float32 on every device)."""
     return F.rms_norm(x, weight.shape, weight, eps)
-
-
-class Rope:
-    """Rotary position embedding as ggml computes it: theta_i = pos * base^(-2i/n), the
-    per-dimension factor advanced by float32 multiplication like ggml's rope cache, optional
-    per-frequency divisors (`rope_freqs.weight`) and linear position scaling — or YaRN
-    (`yarn` = (training context, beta_fast, beta_slow)): per dimension a ramp between the
-    scaled and the unscaled angle, and cos/sin times 1 + 0.1 ln(1/scale), as ggml's rope_yarn
-    with llama.cpp's attention factor (which cancels ggml's second application of it)."""
-
-    def __init__(self, head_dim: int, rope_dims: int, base: float, neox: bool, max_pos: int,
-                 scale: float = 1.0, freq_factors: np.ndarray | None = None, device="cpu",
-                 yarn: tuple[int, float, float] | None = None):
-        self.head_dim, self.dims, self.neox = head_dim, rope_dims, neox
-        half = rope_dims // 2
-        theta_scale = np.float32(base) ** np.float32(-2.0 / rope_dims)
-        theta = np.arange(max_pos, dtype=np.float32)  # [S]
-        angles = np.empty((max_pos, half), dtype=np.float32)
-        for i in range(half):  # float32 running product, as ggml_rope_cache_init
-            angles[:, i] = theta
-            theta = theta * theta_scale
-        if freq_factors is not None:
-            angles = angles / freq_factors.astype(np.float32)[:half]
-        mscale = 1.0
-        if yarn is not None:
-            ramp = _yarn_ramp(rope_dims, base, *yarn)  # [Dr/2]: 1 keeps the unscaled angle
-            angles = (angles * np.float32(scale)) * (1 - ramp) + angles * ramp
-            mscale = float(np.float32(1.0 + 0.1 * np.log(1.0 / scale)))
-        else:
-            angles = angles * np.float32(scale)
-        angles = angles.astype(np.float64)
-        self.cos = torch.from_numpy((np.cos(angles) * mscale).astype(np.float32)).to(device)  # [S, Dr/2]
-        self.sin = torch.from_numpy((np.sin(angles) * mscale).astype(np.float32)).to(device)
-        # adjacent pairs rotating every dim are complex numbers times e^(i*angle): one op
-        self.turn = torch.complex(self.cos, self.sin) if not neox and rope_dims == head_dim else None
-
-    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [T, heads, Dh] -> rotated, positions start..start+T-1."""
-        t = x.shape[0]
-        if self.turn is not None and x.dtype == torch.float32:
-            pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))  # [T, heads, Dh/2]
-            return torch.view_as_real(pairs * self.turn[start : start + t, None, :]).flatten(-2)
-        cos = self.cos[start : start + t, None, :]  # [T, 1, Dr/2]
-        sin = self.sin[start : start + t, None, :]
-        if x.dtype != cos.dtype:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        rot, rest = x[..., : self.dims], x[..., self.dims :]
-        if self.neox:
-            x0, x1 = rot[..., : self.dims // 2], rot[..., self.dims // 2 :]
-            out = torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-        else:
-            x0, x1 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-        return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
-
-
-def _yarn_ramp(dims: int, base: float, orig_ctx: int, beta_fast: float, beta_slow: float) -> np.ndarray:
-    """ggml_rope_yarn_corr_dims and rope_yarn_ramp: [dims/2] float32 mix per rotated pair."""
-    def corr_dim(n_rot):
-        return dims * np.log(orig_ctx / (n_rot * 2 * np.pi)) / (2 * np.log(base))
-
-    lo, hi = max(0.0, np.floor(corr_dim(beta_fast))), min(dims - 1.0, np.ceil(corr_dim(beta_slow)))
-    y = (np.arange(dims // 2, dtype=np.float32) - np.float32(lo)) / np.float32(max(0.001, hi - lo))
-    return (1 - np.clip(y, 0, 1)).astype(np.float32)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:

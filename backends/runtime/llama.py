@@ -20,7 +20,8 @@ from moechat.backends.runtime.config import ModelArgs
 from moechat.backends.runtime.experts import ExpertBackend, ExpertStore, route
 from moechat.backends.runtime.gguf_weights import GGUFWeights
 from moechat.backends.runtime.kv_cache import KVCache
-from moechat.backends.runtime.layers import Linear, Rope, attention, normed_linears, rms_norm, swiglu
+from moechat.backends.runtime.layers import Linear, attention, normed_linears, rms_norm, swiglu
+from moechat.backends.runtime.rope import Rope, Yarn
 from moechat.kernels.ggml import CpuBackend
 
 
@@ -61,7 +62,7 @@ class Model:
         head = "output.weight" if "output.weight" in weights else "token_embd.weight"
         self.output = self.linear(head)
         factors = weights.get("rope_freqs.weight")
-        yarn = (args.rope_yarn_orig_ctx, args.rope_yarn_beta_fast, args.rope_yarn_beta_slow) if args.rope_yarn_orig_ctx else None
+        yarn = Yarn(args.rope_yarn_orig_ctx, args.rope_yarn_beta_fast, args.rope_yarn_beta_slow) if args.rope_yarn_orig_ctx else None
         self.rope = Rope(args.head_dim, args.rope_dims, args.rope_base, args.rope_neox, max_tokens,
                          args.rope_scale, factors.data if factors is not None else None, device, yarn)
 

@@ -21,7 +21,7 @@ def _ask(*args, timeout=300):
 @pytest.mark.slow
 def test_ask_hobbit_answers_paris_with_json_stats(demo_model):
     out = _ask("--model", str(demo_model), "--engine", "hobbit", "--threads", "1",
-               "--vram-budget", "40%", "--max-tokens", "10", "--json", PARIS)
+               "--vram-budget", "40%", "--hobbit-low", "int4", "--max-tokens", "10", "--json", PARIS)
     assert out.returncode == 0, out.stderr
     reply = json.loads(out.stdout)
     assert "Paris" in reply["text"] and reply["engine"] == "hobbit"

@@ -11,7 +11,6 @@ import torch
 from moechat.backends.engines.engine import Sampling
 from moechat.backends.offload.calibration import CALIBRATION_PROMPTS
 
-DEMO_TOLERANCE = 2.5  # the runtime's documented max |logit difference| on the demo model
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 TEXT = "In 1889 the Eiffel Tower opened in Paris; def add(a, b): return a + b"
 
@@ -38,15 +37,6 @@ def _run(model, tokens, n_prefill=None):
         for i in range(n_prefill, len(tokens)):
             out.append(model.forward(torch.tensor(tokens[i : i + 1]), cache, i))
     return torch.cat(out).numpy()
-
-
-def _agree(got, ref, tol=DEMO_TOLERANCE):
-    diff = np.abs(got - ref).max(axis=-1)
-    assert (diff <= tol).all(), diff
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > tol
-    assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
-    return diff
 
 
 def _fiddler_backend(model, placement, force):
@@ -88,7 +78,8 @@ def test_fiddler_mixed_placements_agree_with_the_runtime(runtime):
     finally:
         model.expert_backend = ggml
         fx.close()
-    _agree(got, ref)
+    # on the CPU, resident and copied experts run ggml's kernel too: the runtime's numbers
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     s = fx.stats
     assert s.gpu_hits > 0 and s.experts_on_cpu > 0 and s.experts_copied > 0
     assert s.bytes_copied == s.experts_copied * model.experts.expert(0, 0).nbytes
@@ -138,8 +129,9 @@ def test_hobbit_engine_answers_with_low_precision_and_prefetch(demo_model):
 
     # T1 = 0.5: every second expert is "less important", so misses load int4 copies; a
     # quarter of the experts fit, so the cache misses, evicts and prefetches
+    # (on the CPU, auto keeps no low copies: int4 is asked for by name)
     engine = HobbitEngine(read_model_card(demo_model), n_ctx=256, threads=1,
-                          vram_budget=("share", 0.25), t1=0.5, progress=False)
+                          vram_budget=("share", 0.25), low_format="int4", t1=0.5, progress=False)
     try:
         events = list(engine.generate(PARIS, Sampling(max_tokens=12)))
         second = list(engine.generate(PARIS, Sampling(max_tokens=3)))
