@@ -160,30 +160,28 @@ class TorchEngine:
         generated: list[int] = []
         finish, decode_s, n_decoded = "length", 0.0, 0
         pos = len(tokens)
-        try:
-            while True:
-                token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
-                if self.tokenizer.is_end(token):
-                    finish = "stop"
-                    break
-                generated.append(token)
-                yield Event(text=text_stream.push(token), token_ids=(token,), prompt_tokens=len(tokens), prefill_tok_s=prefill_tok_s,
-                            decode_tok_s=n_decoded / decode_s if decode_s > 0 else 0.0)
-                if len(generated) >= max_tokens or pos >= self.n_ctx:
-                    break
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                t1, waited = time.perf_counter(), self.io_wait_s()
-                logits = self.forward([token], pos)[-1]
-                token_s = time.perf_counter() - t1
-                decode_s += token_s
-                n_decoded += 1
-                pos += 1
-                # a stall (a core taken) drops a thread; time spent waiting on reads is no stall
-                self.thread_count.token(token_s - (self.io_wait_s() - waited))
-        finally:
-            self.thread_count.end_reply()
+        while True:
+            token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            if self.tokenizer.is_end(token):
+                finish = "stop"
+                break
+            generated.append(token)
+            yield Event(text=text_stream.push(token), token_ids=(token,), prompt_tokens=len(tokens), prefill_tok_s=prefill_tok_s,
+                        decode_tok_s=n_decoded / decode_s if decode_s > 0 else 0.0)
+            if len(generated) >= max_tokens or pos >= self.n_ctx:
+                break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            t1, waited = time.perf_counter(), self.io_wait_s()
+            logits = self.forward([token], pos)[-1]
+            token_s = time.perf_counter() - t1
+            decode_s += token_s
+            n_decoded += 1
+            pos += 1
+            # a stall (a core taken) drops a thread; time spent waiting on reads is no stall
+            self.thread_count.token(token_s - (self.io_wait_s() - waited))
+        self.thread_count.end_reply()  # the next reply's default sees the load from here
         saved = self._save_state()
         yield Event(
             text=text_stream.flush(),
