@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoechatError(last.error if last and last.error else "the engine produced nothing")
     writer.finish("done", stats=reply_stats(last, engine.name, len(token_ids)))
     record_reply(card, engine, last)  # measured beside predicted: corrects the next plans
+    _hint_if_profile_stale()
     history.close()
     text = writer.parts
     if args.json:
@@ -113,6 +114,15 @@ def run(args: argparse.Namespace) -> int:
                 f"{_threads_note(last)}]\n"
             )
     return 0
+
+
+def _hint_if_profile_stale() -> None:
+    """ask never re-measures (one-shot, scripted): it says once that the profile drifted."""
+    from moechat.backends.plan.run_log import stale_profile_hint
+
+    hint = stale_profile_hint()
+    if hint:
+        print(hint, file=sys.stderr)
 
 
 def _threads_note(last) -> str:

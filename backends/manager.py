@@ -98,21 +98,18 @@ def open_engine(
     if workers:
         return _open_with_workers(card, workers, engine, n_cpu_moe, n_ctx, threads, force)
     if engine == "stream":
-        return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget)
+        return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget, ui)
     if engine == "auto" and not force and _streams(card, n_ctx, n_cpu_moe):
         choice = planned_choice(card, n_ctx)  # the stream engine or llama.cpp over mmap
         if choice.engine == "stream":
-            return _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget)
-        return engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads)
+            return _expecting(_open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget, ui), choice)
+        return _expecting(engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads, ui=ui), choice)
     if not force:
         check_fits(card, n_ctx)
     if engine == "auto" and n_cpu_moe is None:
         choice = planned_choice(card, n_ctx, force=force)
         if choice is not None:
-            opened = engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads, ui=ui)
-            if choice.decode_tok_s > 0 and hasattr(opened, "expected_token_s"):
-                opened.expected_token_s = 1.0 / choice.decode_tok_s  # a stall is far above this
-            return opened
+            return _expecting(engine_for_candidate(card, choice, n_ctx=n_ctx, threads=threads, ui=ui), choice)
     if engine in ("auto", "llama.cpp"):
         from moechat.backends.engines.llamacpp_engine import LlamaCppEngine, LlamaCppPlacement
         from moechat.backends.plan.gpu_probes import gpu_offload_supported
@@ -131,11 +128,18 @@ def open_engine(
             raise MoechatError("--n-cpu-moe is a llama.cpp engine option; the torch engine places experts itself")
         from moechat.backends.engines.torch_engine import TorchEngine
 
-        return TorchEngine(card, n_ctx=n_ctx, threads=threads)
+        return TorchEngine(card, n_ctx=n_ctx, threads=threads, ui=ui)
     if engine in ("fiddler", "hobbit"):
         return _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget,
-                                    hobbit_low, skip)
+                                    hobbit_low, skip, ui)
     raise MoechatError(f"the {engine} engine is not available in this build yet")
+
+
+def _expecting(opened, choice):
+    """The engine the plan chose, told the plan's per-token time (a stall is far above it)."""
+    if choice.decode_tok_s > 0 and hasattr(opened, "expected_token_s"):
+        opened.expected_token_s = 1.0 / choice.decode_tok_s
+    return opened
 
 
 def check_openable(card: ModelCard, n_ctx: int, engine: str = "auto", n_cpu_moe=None) -> None:
@@ -158,7 +162,7 @@ def _streams(card: ModelCard, n_ctx: int, n_cpu_moe) -> bool:
     return False
 
 
-def _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget):
+def _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget, ui=False):
     """Experts streamed from disk into a RAM cache (backends/engines/stream_engine.py)."""
     from moechat.backends.offload.budget import parse_budget
     from moechat.backends.plan.streamed import share_base
@@ -176,10 +180,11 @@ def _open_stream_engine(card, n_cpu_moe, n_ctx, threads, ram_budget):
         budget = int(value * share_base()) if kind == "share" else int(value)
     from moechat.backends.engines.stream_engine import StreamEngine
 
-    return StreamEngine(card, n_ctx=n_ctx, threads=threads, ram_budget=budget)
+    return StreamEngine(card, n_ctx=n_ctx, threads=threads, ram_budget=budget, ui=ui)
 
 
-def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, hobbit_low, skip):
+def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, hobbit_low, skip,
+                         ui=False):
     """The Fiddler-style and HOBBIT-style engines (torch runtime + expert offloading)."""
     from moechat.backends.offload.budget import parse_budget
 
@@ -196,11 +201,11 @@ def _open_offload_engine(card, engine, n_cpu_moe, n_ctx, threads, vram_budget, h
     if engine == "fiddler":
         from moechat.backends.engines.fiddler_engine import FiddlerEngine
 
-        return FiddlerEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget)
+        return FiddlerEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget, ui=ui)
     from moechat.backends.engines.hobbit_engine import HobbitEngine
 
     return HobbitEngine(card, n_ctx=n_ctx, threads=threads, vram_budget=budget,
-                        low_format=hobbit_low, skip=skip)
+                        low_format=hobbit_low, skip=skip, ui=ui)
 
 
 def probe_workers(workers: str) -> tuple:
@@ -261,10 +266,10 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
                          ui: bool = False):
     """Open the engine a planner Candidate describes."""
     if candidate.engine == "stream":
-        return _open_stream_engine(card, None, n_ctx or default_context(card), threads, None)
+        return _open_stream_engine(card, None, n_ctx or default_context(card), threads, None, ui)
     if candidate.engine in ("fiddler", "hobbit"):
         return _open_offload_engine(card, candidate.engine, None, n_ctx or default_context(card),
-                                    threads, None, "auto", False)
+                                    threads, None, "auto", False, ui)
     if candidate.engine != "llama.cpp":
         raise MoechatError(f"the {candidate.engine} engine is not available in this build yet")
     if candidate.placement == "split":

@@ -2,8 +2,10 @@
 to core 0, at 1 thread, at one per physical core, and at the default (chosen from the load now,
 stepping down if a reply stalls), alternating within each round; then the same without the busy
 process. Prints a table; the target (issue 19) is default >= 0.8x the best fixed count.
+`--engine torch`: the same for the torch runtime's engine (one engine, its thread count set
+before each reply: three copies of its repacked weights would not fit beside the others').
 
-    python benchmarks/threads_under_load.py [--model GGUF] [--tokens N] [--rounds N]
+    python benchmarks/threads_under_load.py [--engine llama.cpp|torch] [--model GGUF] [--tokens N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -15,6 +17,26 @@ import sys
 import time
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon"}]
+
+
+class TorchAt:
+    """The one torch engine, at a fixed thread count (or the default: None) for each reply."""
+
+    def __init__(self, engine, threads: int | None):
+        self.engine, self.threads = engine, threads
+
+    def generate(self, messages, sampling):
+        from moechat.backends.plan.threads import AdaptiveThreads
+
+        count = AdaptiveThreads(self.threads)
+        count.apply = self.engine._set_threads
+        self.engine._set_threads(count.threads)
+        self.engine.thread_count = count
+        return self.engine.generate(messages, sampling)
+
+    def close(self) -> None:
+        if self.threads is None:
+            self.engine.close()
 
 
 def decode(engine, tokens: int) -> tuple[float, int]:
@@ -39,6 +61,7 @@ def run_rounds(engines: dict, rounds: int, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("llama.cpp", "torch"), default="llama.cpp")
     parser.add_argument("--model", help="GGUF path (default: the demo MoE with Q8_0 experts)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
@@ -53,10 +76,17 @@ def main() -> None:
     path = args.model or demo_model_path(UpcycleRecipe(expert_type="Q8_0"), progress=False)
     card = read_model_card(path)
     physical = psutil.cpu_count(logical=False) or 1
-    engines = {"1 thread": LlamaCppEngine(card, n_ctx=1024, threads=1),
-               f"{physical} threads": LlamaCppEngine(card, n_ctx=1024, threads=physical),
-               "default": LlamaCppEngine(card, n_ctx=1024)}
-    print(f"model: {card.name} · llama.cpp · {args.tokens} tokens · {args.rounds} rounds · "
+    if args.engine == "torch":
+        from moechat.backends.engines.torch_engine import TorchEngine
+
+        torch_engine = TorchEngine(card, n_ctx=1024, device="cpu")
+        engines = {"1 thread": TorchAt(torch_engine, 1), f"{physical} threads": TorchAt(torch_engine, physical),
+                   "default": TorchAt(torch_engine, None)}
+    else:
+        engines = {"1 thread": LlamaCppEngine(card, n_ctx=1024, threads=1),
+                   f"{physical} threads": LlamaCppEngine(card, n_ctx=1024, threads=physical),
+                   "default": LlamaCppEngine(card, n_ctx=1024)}
+    print(f"model: {card.name} · {args.engine} · {args.tokens} tokens · {args.rounds} rounds · "
           f"{physical} physical cores · load average {psutil.getloadavg()[0]:.1f} at the start")
     try:
         busy = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])

@@ -250,13 +250,15 @@ class CpuBackend:
         if not self.ptr:
             raise RuntimeError("ggml_backend_cpu_init failed")
         self.threads = 0
-        self.set_threads(threads)
         self.lock = threading.Lock()  # one graph computes at a time on a backend
+        self.set_threads(threads)
 
     def set_threads(self, threads: int) -> None:
+        """Takes effect from the next graph computed (never during one: the lock)."""
         threads = max(1, int(threads))
-        self.lib.ggml_backend_cpu_set_n_threads(self.ptr, threads)
-        self.threads = threads
+        with self.lock:
+            self.lib.ggml_backend_cpu_set_n_threads(self.ptr, threads)
+            self.threads = threads
 
     def close(self) -> None:
         ptr, self.ptr = self.ptr, None

@@ -89,7 +89,7 @@ def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():
 def test_profile_is_cached_and_reused(cache, monkeypatch):
     recorded = hp.read_profile(PROFILES / "desktop-3060-ddr4.json")
     measured = []
-    monkeypatch.setattr(hp, "measure_profile", lambda progress=None: measured.append(1) or recorded)
+    monkeypatch.setattr(hp, "measure_profile", lambda progress=None, cancel=None: measured.append(1) or recorded)
     first = hp.load_profile()
     second = hp.load_profile()
     assert measured == [1]  # measured once, then read from the cache

@@ -104,7 +104,7 @@ def test_a_drifted_profile_is_remeasured_only_when_idle(cache, monkeypatch):
     log.close()
     fresh = measured_profile("2026-12-01T11:00:00Z")
     measured = []
-    monkeypatch.setattr(hp, "measure_profile", lambda progress=None: measured.append(1) or fresh)
+    monkeypatch.setattr(hp, "measure_profile", lambda progress=None, cancel=None: measured.append(1) or fresh)
     monkeypatch.setattr(threads.LoadMeter, "busy_cores", lambda self, min_window_s=0: 1.5)
     assert run_log.remeasure_if_drifted() is None and measured == []  # busy: not now
     monkeypatch.setattr(threads.LoadMeter, "busy_cores", lambda self, min_window_s=0: 0.1)
@@ -145,3 +145,28 @@ def test_real_runs_correct_the_plan(cache, tiny_model, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "cost model decode" in text and "last run decode" in text and "x" in text
     assert "corrected: llama.cpp · CPU only" in text
+
+
+def test_ask_says_once_that_a_drifted_profile_is_stale(cache, tiny_model):
+    """`ask` never re-measures (one-shot, scripted) but says, on one stderr line and only the
+    first time for a profile, that its predictions drifted."""
+    model = tiny_model("llama", "F32")
+    hp.write_profile(measured_profile(), hp.profile_path())
+
+    def ask() -> str:
+        result = subprocess.run([sys.executable, "-m", "moechat", "ask", "-m", str(model), "--engine",
+                                 "llama.cpp", "--threads", "1", "--max-tokens", "2", "Hi"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "stale" not in ask()  # no runs yet: nothing drifted
+    log = RunLog()
+    for ratio in (1.5, 1.4, 1.6):
+        log.add(run(ratio))
+    log.close()
+    first, second = ask(), ask()
+    hint = [line for line in first.splitlines() if "stale" in line]
+    assert len(hint) == 1 and "profile is stale: moechat profile --refresh" in hint[0], first
+    assert "stale" not in second  # once per profile
+    assert hp.read_profile(hp.profile_path()).measured_at == measured_profile().measured_at  # not re-measured

@@ -6,7 +6,8 @@ per token, so Esc stops the engine itself, not just the display. Both workers ta
 UI only through Messages (messages.py); the history is written from the generator thread
 (the user message before it starts, the reply while it streams). A streaming reply reaches
 the screen through a ReplyBuffer drained every UPDATE_S (coalesce.py), not token by token.
-The keys' and the palette's commands are in commands.py.
+The keys' and the palette's commands are in commands.py; re-measuring a drifted hardware
+profile while the app sits idle is profile_refresh.py.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from moechat.app.tui.messages import (
 )
 from moechat.app.tui.model_loader import EngineOptions, LoadedModel, open_model
 from moechat.app.tui.planner_bridge import predicted_decode_tok_s
+from moechat.app.tui.profile_refresh import IDLE_S, ProfileRefresh
 from moechat.app.tui.prompt_input import PromptInput
 from moechat.app.tui.sidebar import Sidebar
 from moechat.app.tui.status_bar import StatusBar
@@ -55,14 +57,16 @@ from moechat.backends.manager import record_reply
 OpenModel = Callable[[str | None, EngineOptions, Callable[[str], None]], LoadedModel]
 
 
-class MoechatApp(ChatCommands, App):
+class MoechatApp(ChatCommands, ProfileRefresh, App):
     CSS_PATH = "moechat.tcss"
     TITLE = "moechat"
     BINDINGS = APP_BINDINGS
 
     def __init__(self, model_spec: str | None = None, options: EngineOptions = EngineOptions(),
-                 open_model: OpenModel = open_model, history: History | None = None) -> None:
+                 open_model: OpenModel = open_model, history: History | None = None,
+                 remeasure_idle_s: float | None = IDLE_S) -> None:
         super().__init__()
+        self.remeasure_idle_s = remeasure_idle_s  # idle seconds before a drifted profile is re-measured
         self.model_spec = model_spec
         self.options = options
         self._open_model = open_model
@@ -121,6 +125,7 @@ class MoechatApp(ChatCommands, App):
     def load_model(self, spec: str | None) -> None:
         old, self.engine = self.engine, None
         self.loading = True
+        self.stop_remeasure()
         self.status.model, self.status.engine, self.status.placement = spec or "demo", "", ""
         self.query_one(LoadProgress).show_stage("loading…")
         self._load(spec, old)
@@ -162,7 +167,10 @@ class MoechatApp(ChatCommands, App):
         status.rss_bytes = psutil.Process().memory_info().rss
         status.prefill_tok_s = status.decode_tok_s = 0.0
         status.predicted_decode_tok_s = message.predicted_decode_tok_s or 0.0
+        threads = getattr(message.engine, "threads", 0)  # said before the first reply too
+        status.threads = threads if isinstance(threads, int) else 0
         self.query_one(LoadProgress).display = False
+        self.arm_remeasure()
         if self.waiting_for_model:
             self.waiting_for_model = False
             await self.start_reply()
@@ -172,6 +180,7 @@ class MoechatApp(ChatCommands, App):
         self.status.note = ""
         self.query_one(LoadProgress).display = False
         self.status.model = "no model"
+        self.arm_remeasure()
         self.notify(message.error, title="could not load the model", severity="error",
                     timeout=15)
 
@@ -201,6 +210,7 @@ class MoechatApp(ChatCommands, App):
 
     async def start_reply(self) -> None:
         messages = chat_messages(self.history, self.cid)
+        self.stop_remeasure()  # the reply wants the cores; a profile measured beside it is wrong
         self._reply = await self.chat.add(MessageItem("assistant", status="generating"))
         self._cancel = threading.Event()
         self._idle.clear()
@@ -275,6 +285,7 @@ class MoechatApp(ChatCommands, App):
         if message.error:
             self.notify(message.error, title="generation failed", severity="error")
         await self.refresh_sidebar()
+        self.arm_remeasure()  # the run log has a new run: the profile may have drifted
 
     def action_stop(self) -> None:
         if self.waiting_for_model:  # not started: the message stays, unanswered
@@ -323,8 +334,11 @@ class MoechatApp(ChatCommands, App):
         self.exit()
 
     def shutdown(self, wait_s: float = 10.0) -> None:
-        """After the app exits: stop any reply (its text is saved), close engine and history."""
+        """After the app exits: stop any reply (its text is saved) or measurement, close engine
+        and history."""
         self._cancel.set()
+        if self._remeasure_cancel is not None:
+            self._remeasure_cancel.set()
         self._idle.wait(wait_s)
         engine, self.engine = self.engine, None
         if engine is not None:

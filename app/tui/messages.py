@@ -70,3 +70,14 @@ class SearchChanged(Message):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text = text
+
+
+class ProfileRemeasure(Message):
+    """The idle re-measurement of a drifted profile (profile_refresh.py): "measuring" (detail:
+    the step), then "done" (detail: how long), "unchanged", "stopped" or "failed" (detail: why)."""
+
+    def __init__(self, state: str, detail: str = "", predicted_decode_tok_s: float | None = None) -> None:
+        super().__init__()
+        self.state = state
+        self.detail = detail
+        self.predicted_decode_tok_s = predicted_decode_tok_s  # after "done": on the new profile

@@ -20,7 +20,7 @@ class FiddlerEngine(OffloadEngine):
 
     def __init__(self, card: ModelCard, n_ctx=None, threads=None, vram_budget=None,
                  device=None, costs=None, force=None, progress: bool = True,
-                 calibration_prompts=None):
+                 calibration_prompts=None, ui: bool = False):
         """vram_budget: parse_budget() spec, or None for the default; costs: OffloadCosts
         (default: measured at start-up); force: {(layer, expert): "cpu"|"copy"} (tests)."""
         from moechat.backends.offload.calibration import CALIBRATION_PROMPTS, cached_counts
@@ -28,7 +28,7 @@ class FiddlerEngine(OffloadEngine):
         from moechat.backends.offload.fiddler_policy import OnlineCostModel, place_experts, popularity_ranking
         from moechat.backends.runtime.experts import GgmlExperts
 
-        super().__init__(card, n_ctx, threads, device)
+        super().__init__(card, n_ctx, threads, device, ui=ui)
         model = self.model
         store = model.experts
         cpu_experts = GgmlExperts(store, model.cpu_kernels)  # the runtime's fast CPU kernel

@@ -23,14 +23,15 @@ class HobbitEngine(OffloadEngine):
 
     def __init__(self, card: ModelCard, n_ctx=None, threads=None, vram_budget=None,
                  low_format: str = "auto", skip: bool = False, device=None,
-                 prefetch: bool = True, t1: float | None = None, progress: bool = True):
+                 prefetch: bool = True, t1: float | None = None, progress: bool = True,
+                 ui: bool = False):
         from moechat.backends.offload.hobbit_cache import DEFAULT_WEIGHTS, HobbitCache
         from moechat.backends.offload.hobbit_experts import HobbitExperts
         from moechat.backends.offload.hobbit_loading import T1
         from moechat.backends.offload.low_copies import load_or_build, low_bits
         from moechat.backends.offload.prefetch import stack_routers
 
-        super().__init__(card, n_ctx, threads, device)
+        super().__init__(card, n_ctx, threads, device, ui=ui)
         model = self.model
         store = model.experts
         expert_type = store.expert(store.layers[0], 0).gate.type_name

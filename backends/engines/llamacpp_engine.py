@@ -3,9 +3,10 @@
 MoE-aware is llama.cpp's `--n-cpu-moe N`: every non-expert weight on the GPU, the routed
 expert tensors of the first N layers in system RAM (see llamacpp_overrides.py).
 
-Threads: unless the user fixed a count, the engine picks the cores free right now
-(plan/threads.py), again before each reply, and steps down a thread when a reply stalls
-(another process took a core); the count used is in each final event's stats.
+Threads: unless the user fixed a count, the engine picks the cores free right now, again
+before each reply, and steps down a thread when a reply stalls (another process took a core):
+plan/threads.py's AdaptiveThreads, shared with the torch engines; the count used is in each
+final event's stats.
 
 A multi-turn chat reuses the KV cache for the shared prefix: `Llama.generate` compares the
 new prompt's tokens with the ones already evaluated and only evaluates the rest. Before
@@ -28,7 +29,7 @@ from moechat.backends.engines.events import Event
 from moechat.backends.model.model_card import ModelCard
 from moechat.backends.engines.prompt import ChatTokenizer
 from moechat.backends.plan.gpu_probes import gpu_offload_supported
-from moechat.backends.plan.threads import LoadMeter, StallWatch, default_threads
+from moechat.backends.plan.threads import AdaptiveThreads
 
 PlacementKind = Literal["cpu", "gpu", "moe", "split"]
 
@@ -80,11 +81,8 @@ class LlamaCppEngine:
         if placement.kind not in ("cpu", "split") and not gpu_offload_supported():
             self.placement += " (this llama.cpp build has no GPU support: running on CPU)"
         self.n_ctx = n_ctx or min(card.context_length, 4096)
-        self.auto_threads, self.ui = threads is None, ui  # auto: chosen and adapted to the load
-        self._load = LoadMeter()
-        threads = threads or default_threads(ui=ui, meter=self._load)
-        self.threads = threads
-        self.thread_steps_down = 0  # in the last reply, because it stalled
+        self.thread_count = AdaptiveThreads(threads, ui=ui)  # threads=None: adapted to the load
+        threads = self.thread_count.threads
         self.expected_token_s = 0.0  # the plan's seconds per decoded token, when it chose this
         self.kv_states = self._kv_store(card, placement)
         log = install_log(echo=verbose)
@@ -106,8 +104,13 @@ class LlamaCppEngine:
             why = last_error() or str(err)
             raise MoechatError(f"{card.path}: llama.cpp could not load the model ({why}; "
                                f"its log: {log})") from err
+        self.thread_count.apply = lambda n: llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
         self.tokenizer = ChatTokenizer(self.llm)
         self.template = self.tokenizer.template
+
+    @property
+    def threads(self) -> int:
+        return self.thread_count.threads
 
     def _kv_store(self, card: ModelCard, placement: LlamaCppPlacement):
         from moechat.backends.engines.kv_states import KVStateStore, model_key
@@ -163,10 +166,7 @@ class LlamaCppEngine:
                 f"the conversation has {len(tokens)} tokens; the context holds {self.n_ctx}"
             )
         max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
-        if self.auto_threads:  # the load may have changed since the last reply
-            self._set_threads(default_threads(ui=self.ui, meter=self._load))
-        self.thread_steps_down = 0
-        watch = StallWatch(expected_s=self.expected_token_s)
+        self.thread_count.begin_reply(self.expected_token_s)
         self.llm.set_seed(sampling.seed)
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
         restored = self._restore(tokens)
@@ -191,10 +191,8 @@ class LlamaCppEngine:
                     t_first = now
                     if llama_cpp.llama_perf_context(self.llm.ctx).n_p_eval >= PREFILL_SAVE_MIN:
                         self._save_state(force=True)  # a reply cut short still leaves the long prefill saved
-                elif self.auto_threads and watch.observe(now - t_prev) and self.threads > 1:
-                    self._set_threads(self.threads - 1)  # stalled: a core is taken
-                    self.thread_steps_down += 1
-                    watch.reset()
+                else:
+                    self.thread_count.token(now - t_prev)  # a stall drops a thread
                 t_prev = now
                 if self.tokenizer.is_end(token):
                     finish = "stop"
@@ -214,7 +212,7 @@ class LlamaCppEngine:
                     break
         finally:
             stream.close()
-            self._load.mark()
+            self.thread_count.end_reply()
         ttft = (t_first or time.perf_counter()) - t_start
         final = self._final_event(len(tokens), ttft, text_stream.flush(), finish)
         saved = self._save_state()
@@ -244,18 +242,10 @@ class LlamaCppEngine:
                 "prompt_tokens_evaluated": n_prompt - self._reused(n_prompt, perf),
                 "prompt_tokens_reused": self._reused(n_prompt, perf),
                 "decoded_tokens": int(perf.n_eval),
-                "threads": self.threads,
-                "thread_steps_down": self.thread_steps_down,
+                **self.thread_count.stats(),
             },
             finish_reason=finish,
         )
-
-    def _set_threads(self, n: int) -> None:
-        import llama_cpp
-
-        if n != self.threads:
-            llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
-            self.threads = n
 
     @staticmethod
     def _reused(n_prompt: int, perf) -> int:

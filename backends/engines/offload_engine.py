@@ -59,12 +59,12 @@ class OffloadEngine(TorchEngine):
 
     backend = None
 
-    def __init__(self, card: ModelCard, n_ctx=None, threads=None, device=None):
+    def __init__(self, card: ModelCard, n_ctx=None, threads=None, device=None, ui: bool = False):
         from moechat.backends.offload.devices import pick_devices
 
         self.devices = pick_devices(device)
         super().__init__(card, n_ctx=n_ctx, threads=threads, device=self.devices.gpu.type,
-                         expert_backend=_Deferred())
+                         expert_backend=_Deferred(), ui=ui)
 
     def forward(self, tokens, start, all_logits=False):
         self.backend.stats.tokens += len(tokens)

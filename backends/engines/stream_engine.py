@@ -23,7 +23,7 @@ class StreamEngine(OffloadEngine):
 
     def __init__(self, card: ModelCard, n_ctx=None, threads=None, ram_budget: int | None = None,
                  policy: str = "hobbit", prefetch: bool = True, progress: bool = True,
-                 max_slots: int | None = None, direct: bool | None = None):
+                 max_slots: int | None = None, direct: bool | None = None, ui: bool = False):
         """ram_budget: bytes the process may use in all (None: what the machine and its memory
         cgroup allow, minus headroom); max_slots caps the experts cached per layer (tests,
         benchmarks); direct: force O_DIRECT on/off (None: where the filesystem allows)."""
@@ -34,7 +34,7 @@ class StreamEngine(OffloadEngine):
         from moechat.backends.offload.prefetch import stack_routers
         from moechat.backends.plan.streamed import READ_THREADS, default_process_budget, size_stream
 
-        super().__init__(card, n_ctx, threads, device="cpu")
+        super().__init__(card, n_ctx, threads, device="cpu", ui=ui)  # threads: as the torch engine
         model, store = self.model, self.model.experts
         held = psutil.Process().memory_info().rss
         bound = "--ram-budget"
@@ -75,6 +75,9 @@ class StreamEngine(OffloadEngine):
             self._decode_bytes += self.reader.counters.bytes - before
         self.backend.stats.time_s["forward"] = self.backend.stats.time_s.get("forward", 0.0) + time.perf_counter() - t0
         return out
+
+    def io_wait_s(self) -> float:
+        return self.backend.stats.stall_s
 
     def begin_reply(self) -> None:
         super().begin_reply()

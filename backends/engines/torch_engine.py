@@ -5,6 +5,10 @@ Same GGUF, same tokenizer (llama.cpp's, vocab only) as the llama.cpp engine; a m
 chat reuses the KV cache for the prefix the new prompt shares with what was evaluated, and
 the KV state cache (kv_states.py) restores a longer saved prefix, from this process or an
 earlier one: the cache's K/V tensors are saved after a long prefill and after each reply.
+
+Threads as in the llama.cpp engine (plan/threads.py's AdaptiveThreads): chosen from the load
+unless fixed, again before each reply, one less when a reply stalls; what changes is ggml's
+thread pool, the one the heavy products run in (on a GPU, torch's CPU pool follows it too).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ PREFILL_CHUNK = 256  # bounds the prefill's intermediate buffers
 class TorchEngine:
     name = "torch"
 
+    expected_token_s = 0.0  # the plan's seconds per decoded token, when it chose this engine
+
     def __init__(self, card: ModelCard, n_ctx: int | None = None, threads: int | None = None,
-                 device: str | None = None, expert_backend=None):
+                 device: str | None = None, expert_backend=None, ui: bool = False):
         import torch
 
-        from moechat.backends.plan.threads import default_threads
+        from moechat.backends.plan.threads import AdaptiveThreads
         from moechat.backends.engines.prompt import ChatTokenizer
         from moechat.backends.runtime import load_model
         from moechat.backends.runtime.model import default_device
@@ -37,20 +43,35 @@ class TorchEngine:
         self.card = card
         self.n_ctx = n_ctx or min(card.context_length, 4096)
         self.device = device or default_device()
-        threads = threads or default_threads()
-        if self.device == "cpu":
-            # The heavy products run in ggml's own thread pool; torch only does small ops,
-            # and a second busy OpenMP pool would fight ggml's for the same cores.
-            torch.set_num_threads(1)
+        self.thread_count = AdaptiveThreads(threads, ui=ui)  # threads=None: adapted to the load
+        threads = self.thread_count.threads
+        # On the CPU the heavy products run in ggml's own thread pool; torch only does small
+        # ops, and a second busy OpenMP pool would fight ggml's for the same cores.
+        torch.set_num_threads(1 if self.device == "cpu" else threads)
         self.model = load_model(card.path, self.device, threads=threads, expert_backend=expert_backend,
                                 max_tokens=self.n_ctx)
+        self.thread_count.apply = self._set_threads
         self.tokenizer = ChatTokenizer.open(card.path)
         self.cache = self.model.new_cache(self.n_ctx)
         self.evaluated: list[int] = []  # tokens whose keys/values are in the cache
         self.kv_states = None  # made on the first reply: an offload engine's placement comes later
-        where = "CPU, ggml kernels on the GGUF's quantized bytes" if self.device == "cpu" else self.device
-        plural = "s" if threads != 1 else ""
-        self.placement = f"{where}, {threads} thread{plural}" if self.device == "cpu" else where
+        self.placement = "CPU, ggml kernels on the GGUF's quantized bytes" if self.device == "cpu" else self.device
+
+    @property
+    def threads(self) -> int:
+        return self.thread_count.threads
+
+    def _set_threads(self, n: int) -> None:
+        import torch
+
+        self.model.cpu_kernels.set_threads(n)
+        if self.device != "cpu":  # on the CPU torch keeps one thread (see __init__)
+            torch.set_num_threads(n)
+
+    def io_wait_s(self) -> float:
+        """Seconds this engine's forward steps have waited on anything but the CPU (the stream
+        engine: disk reads), in all; fewer threads would not shorten that wait."""
+        return 0.0
 
     def _kv_store(self, card: ModelCard):
         from moechat.backends.engines.kv_states import KVStateStore, model_key
@@ -118,6 +139,7 @@ class TorchEngine:
             raise MoechatError(f"the conversation has {len(tokens)} tokens; the context holds {self.n_ctx}")
         max_tokens = min(sampling.max_tokens, self.n_ctx - len(tokens))
         generator = torch.Generator().manual_seed(sampling.seed)
+        self.thread_count.begin_reply(self.expected_token_s)
 
         from moechat.backends.engines.kv_states import PREFILL_SAVE_MIN, common_prefix
 
@@ -151,11 +173,15 @@ class TorchEngine:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            t1 = time.perf_counter()
+            t1, waited = time.perf_counter(), self.io_wait_s()
             logits = self.forward([token], pos)[-1]
-            decode_s += time.perf_counter() - t1
+            token_s = time.perf_counter() - t1
+            decode_s += token_s
             n_decoded += 1
             pos += 1
+            # a stall (a core taken) drops a thread; time spent waiting on reads is no stall
+            self.thread_count.token(token_s - (self.io_wait_s() - waited))
+        self.thread_count.end_reply()  # the next reply's default sees the load from here
         saved = self._save_state()
         yield Event(
             text=text_stream.flush(),
@@ -170,6 +196,7 @@ class TorchEngine:
                 "prompt_tokens_restored": restored,
                 "decoded_tokens": n_decoded,
                 "kv_state": saved,
+                **self.thread_count.stats(),
             },
             finish_reason=finish,
         )

@@ -157,10 +157,12 @@ def profile_path() -> Path:
     return d / f"{machine_id()}-v{PROFILE_VERSION}.json"
 
 
-def load_profile(refresh: bool = False, progress=None, measure: bool = True) -> HardwareProfile:
+def load_profile(refresh: bool = False, progress=None, measure: bool = True,
+                 cancel=None) -> HardwareProfile:
     """This machine's profile: cached, or measured now (then cached) with refresh or on first
     use. Memory *available* is re-read every time (it changes); speeds come from the cache.
-    With measure=False and no cache, the facts with nominal speeds (`facts_profile`)."""
+    With measure=False and no cache, the facts with nominal speeds (`facts_profile`).
+    cancel: a threading.Event that stops a measurement (MeasureCancelled; nothing is cached)."""
     import psutil
 
     from moechat.backends.plan import gpu_probes
@@ -177,7 +179,7 @@ def load_profile(refresh: bool = False, progress=None, measure: bool = True) -> 
             pass
     if not measure and not refresh:
         return facts_profile()
-    profile = measure_profile(progress=progress)
+    profile = measure_profile(progress=progress, cancel=cancel)
     write_profile(profile, path)
     return profile
 
@@ -208,32 +210,47 @@ WINDOWS = 3  # short measurement windows, spread in time: another job's burst sp
 WINDOW_GAP_S = 0.3
 
 
-def _windows(measure) -> list:
+class MeasureCancelled(Exception):
+    """A measurement stopped by its `cancel` event (the chat app: a reply started)."""
+
+
+def _windows(measure, check=lambda: None) -> list:
     out = []
     for i in range(WINDOWS):
         if i:
             time.sleep(WINDOW_GAP_S)
+            check()
         out.append(measure())
     return out
 
 
-def measure_profile(threads: int | None = None, progress=None) -> HardwareProfile:
-    """Measure this machine (about 10 s on 2 cores). `progress(message)` is told each step."""
+def measure_profile(threads: int | None = None, progress=None, cancel=None) -> HardwareProfile:
+    """Measure this machine (about 10 s on 2 cores). `progress(message)` is told each step.
+    `cancel` (a threading.Event), once set, stops it at the next step or window (about a
+    second at most) with MeasureCancelled: a profile measured beside other work is wrong."""
     import psutil
 
     from moechat.backends.plan import cpu_probes, gpu_probes
 
-    say = progress or (lambda message: None)
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise MeasureCancelled("the measurement was stopped")
+
+    def say(message: str) -> None:
+        check()
+        if progress:
+            progress(message)
+
     cpu = cpu_probes.cpu_facts()
     vm = psutil.virtual_memory()
     threads = threads or cpu.usable_cores
     sources = {}
     say("RAM read bandwidth")
-    ram_gbs = max(_windows(lambda: cpu_probes.measure_ram_read_gbs(threads, cpu.llc_bytes, 0.6)))
+    ram_gbs = max(_windows(lambda: cpu_probes.measure_ram_read_gbs(threads, cpu.llc_bytes, 0.6), check))
     sources["ram_read_gbs"] = (f"measured: {threads}-thread read of {cpu_probes._stream_bytes(cpu.llc_bytes) >> 20} MiB, "
                                f"best of N in each of {WINDOWS} windows {WINDOW_GAP_S} s apart, best window")
     say("CPU matrix-vector rate")
-    runs = _windows(lambda: cpu_probes.measure_cpu_matvec_gbs(threads, 0.5))
+    runs = _windows(lambda: cpu_probes.measure_cpu_matvec_gbs(threads, 0.5), check)
     matvec = {q: max(rates[q] for rates, _ in runs) for q in runs[0][0]}
     sources["cpu_matvec_gbs"] = f"{runs[0][1]}; best of {WINDOWS} windows {WINDOW_GAP_S} s apart"
     say("CPU per-op overhead")
@@ -247,6 +264,7 @@ def measure_profile(threads: int | None = None, progress=None) -> HardwareProfil
         say("GPU bandwidths")
         gpus = gpu_probes.measure_gpus(gpus)
         sources["gpus"] = "nvidia-ml-py / torch; h2d_gbs and mem_gbs measured with torch when present"
+    check()
     return HardwareProfile(
         cpu=cpu,
         ram=ram_info(),

@@ -5,7 +5,9 @@ prediction for the same model, engine and placement on the profile it was made w
 last few runs of one model and placement the planner takes a correction factor (the median of
 measured / predicted), so a profile measured on a busy machine stops misleading the plan after
 a few replies; and when the last runs of *any* model all missed by more than DRIFT, the profile
-itself is stale and is re-measured when the machine is idle (`profile_drifted`).
+itself is stale and is re-measured when the machine is idle (`profile_drifted`): by `plan`,
+`profile` and the idle chat app (`remeasure_if_drifted`); `ask`, one-shot and scripted, only
+says so, once per profile (`stale_profile_hint`).
 
 Runs count only against the profile they were predicted with (its `measured_at`): a re-measured
 profile starts without corrections. The store is SQLite in the cache dir (safe to delete).
@@ -44,6 +46,7 @@ CREATE TABLE IF NOT EXISTS run (
     measured_decode REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS run_key ON run (model, placement, profile);
+CREATE TABLE IF NOT EXISTS stale_hint (profile TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
 
@@ -123,6 +126,12 @@ class RunLog:
             " predicted_decode, measured_prefill, measured_decode, at FROM run WHERE "
             + " AND ".join(where) + " ORDER BY id DESC LIMIT ?", (*args, n)).fetchall()
         return [Run(*row) for row in rows]
+
+    def first_hint(self, profile: str) -> bool:
+        """True the first time this is asked for `profile` (the stale-profile hint is said once)."""
+        with self._db:
+            return self._db.execute("INSERT OR IGNORE INTO stale_hint (profile, at) VALUES (?, ?)",
+                                    (profile, time.time())).rowcount == 1
 
     def close(self) -> None:
         self._db.close()
@@ -228,10 +237,31 @@ def _open_quietly() -> RunLog | None:
 IDLE_BUSY_CORES = 0.5  # other processes' CPU use below which the machine counts as idle
 
 
-def remeasure_if_drifted(progress=None):
+def stale_profile_hint() -> str | None:
+    """One line for a command that does not re-measure (`ask`): this machine's profile drifted.
+    Said once per profile (None after that, and when it did not drift or was never measured)."""
+    from moechat.backends.plan.hardware_profile import load_profile, profile_path
+
+    if not profile_path().exists():
+        return None
+    profile = load_profile(measure=False)
+    log = _open_quietly()
+    if log is None:
+        return None
+    try:
+        if not profile_drifted(profile, log) or not log.first_hint(profile.measured_at):
+            return None
+    finally:
+        log.close()
+    return (f"moechat: profile is stale: moechat profile --refresh (its predictions missed the "
+            f"last {DRIFT_RUNS} runs by more than {DRIFT:.0%})")
+
+
+def remeasure_if_drifted(progress=None, cancel=None):
     """This machine's profile re-measured (and cached) when its predictions drifted and the
     machine is idle now; None when nothing was done (not drifted, never measured, or busy:
-    a profile measured under load is what drifted in the first place)."""
+    a profile measured under load is what drifted in the first place). cancel: a
+    threading.Event that stops the measurement (hardware_profile.MeasureCancelled)."""
     from moechat.backends.plan.hardware_profile import load_profile, profile_path
     from moechat.backends.plan.threads import LoadMeter
 
@@ -242,4 +272,4 @@ def remeasure_if_drifted(progress=None):
         return None
     if LoadMeter().busy_cores(0.3) >= IDLE_BUSY_CORES:
         return None
-    return load_profile(refresh=True, progress=progress)
+    return load_profile(refresh=True, progress=progress, cancel=cancel)

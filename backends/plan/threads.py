@@ -8,6 +8,9 @@ time minus this process's own), less one for the chat app's UI on machines with 
 
 Load changes during a run, so `StallWatch` watches the per-token times: when the recent median
 is far above what this run (or the cost model) showed it can do, the engine steps down a thread.
+`AdaptiveThreads` is that policy as every engine uses it (llama.cpp's and the torch runtime's):
+the count chosen at load, chosen again before each reply, stepped down on a stall; the engine
+only says how to apply a count and how long each token took.
 
 Why by hand: psutil gives the CPU-time counters; no library turns them into a thread count for a
 barrier-synchronised thread pool.
@@ -19,6 +22,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 UI_CORE_FROM = 6  # with this many cores, one is left to the chat app's UI (1/6 of decode at most)
 BUSY_CORE_SHARE = 0.6  # another process using this share of a core counts as holding it
@@ -117,3 +121,44 @@ class StallWatch:
         """After a change of thread count: a fresh baseline."""
         self._recent.clear()
         self._best = float("inf")
+
+
+class AdaptiveThreads:
+    """One engine's thread count. `fixed` (the user's --threads) is never changed; otherwise
+    the count is default_threads() at load and before each reply, and one less each time a
+    reply stalls (down to one). The engine sets `apply` (how to change its thread pools) once
+    its model is loaded, calls begin_reply / token(seconds) / end_reply around each reply,
+    and puts `stats()` in the reply's final event."""
+
+    def __init__(self, fixed: int | None = None, ui: bool = False):
+        self.auto, self.ui = fixed is None, ui
+        self._load = LoadMeter()
+        self.threads = fixed or default_threads(ui=ui, meter=self._load)
+        self.steps_down = 0  # in the last reply, because it stalled
+        self.apply: Callable[[int], None] = lambda n: None
+        self._watch = StallWatch()
+
+    def begin_reply(self, expected_token_s: float = 0.0) -> None:
+        """expected_token_s: the plan's seconds per decoded token (0: unknown)."""
+        if self.auto:  # the load may have changed since the last reply
+            self._set(default_threads(ui=self.ui, meter=self._load))
+        self.steps_down = 0
+        self._watch = StallWatch(expected_s=expected_token_s)
+
+    def token(self, seconds: float) -> None:
+        """One decoded token took `seconds`: a stall (a core taken) drops a thread."""
+        if self.auto and self._watch.observe(seconds) and self.threads > 1:
+            self._set(self.threads - 1)
+            self.steps_down += 1
+            self._watch.reset()
+
+    def end_reply(self) -> None:
+        self._load.mark()  # the next reply's default sees the load since this one ended
+
+    def stats(self) -> dict[str, int]:
+        return {"threads": self.threads, "thread_steps_down": self.steps_down}
+
+    def _set(self, n: int) -> None:
+        if n != self.threads:
+            self.apply(n)
+            self.threads = n

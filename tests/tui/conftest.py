@@ -20,6 +20,7 @@ def make_app():
 
     def make(engine: FakeEngine | None = None, **kwargs) -> MoechatApp:
         engine = engine or FakeEngine(["Hello there."])
+        kwargs.setdefault("remeasure_idle_s", None)  # never the real cache's profile (test_tui_profile)
         app = MoechatApp(open_model=fake_loader(engine), **kwargs)
         apps.append(app)
         return app
