@@ -133,3 +133,23 @@ def test_mxfp4_uses_its_own_measured_rate_else_q4_0s(laptop):
     profiled = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "MXFP4": 9.5})
     assert cm.cpu_rate_gbs(profiled, "MXFP4") == 9.5
     assert cm.cpu_rate_gbs(profiled, "Q4_0") == laptop.cpu_matvec_gbs["Q4_0"]
+
+
+def test_a_gpu_runs_cpu_experts_read_at_the_plain_layouts_rate(rtx4090):
+    """llama.cpp keeps the RAM-resident weights of a run that uses a GPU unrepacked (the GPU's
+    host buffer comes before the CPU repack buffer), so `--n-cpu-moe` experts read at the
+    profile's ':plain' rate; a CPU-only run reads the repacked rate; without a ':plain' figure
+    the family's rate stands in."""
+    import dataclasses
+
+    card = geometry_card("qwen3-30b-a3b", qtype="Q4_K")
+    split = cm.Placement("moe", 48)
+    assert cm.cpu_rate_gbs(rtx4090, "Q4_K", gpu_build=True) == cm.cpu_rate_gbs(rtx4090, "Q4_K")  # no ':plain'
+    before = cm.predict(card, rtx4090, split).decode_terms["weights in RAM (CPU)"]
+    slow = rtx4090.cpu_matvec_gbs["Q4_K"] / 2
+    plain = dataclasses.replace(rtx4090, cpu_matvec_gbs={**rtx4090.cpu_matvec_gbs, "Q4_K" + cm.PLAIN: slow})
+    assert cm.cpu_rate_gbs(plain, "Q4_K", gpu_build=True) == slow
+    assert cm.cpu_rate_gbs(plain, "Q4_K") == rtx4090.cpu_matvec_gbs["Q4_K"]
+    assert cm.predict(card, plain, split).decode_terms["weights in RAM (CPU)"] == pytest.approx(2 * before)
+    cpu_only = cm.predict(card, plain, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"]
+    assert cpu_only == pytest.approx(cm.predict(card, rtx4090, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"])

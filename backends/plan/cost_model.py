@@ -34,7 +34,7 @@ GPU_TOKEN_OVERHEAD_S = 1.0e-3  # graph build + launch + logits copy (estimate, G
 GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer (estimate)
 HANDOFF_S = 30e-6  # one GPU<->CPU activation hand-off (PCIe latency + sync), estimate
 TORCH_LAYER_OVERHEAD_S = 200e-6  # Python + torch dispatch per layer for the torch engines
-EXPERT_PRODUCT_OPS = 6  # fixed cost of one selected expert's product on the CPU, in ggml ops (fitted: runs s01, c01)
+EXPERT_PRODUCT_OPS = 3  # fixed cost of one selected expert's product on the CPU, in ggml ops (least squares on the fit runs)
 CPU_PREFILL_EFFICIENCY = 0.6  # ggml quantized GEMM vs measured float32 BLAS rate (fitted)
 GPU_PREFILL_EFFICIENCY = 0.35  # achieved / peak fp16 matmul at batch 512 (estimate)
 HOBBIT_LOW_BITS = 2.0  # bits of a low-precision expert copy loaded on a miss (paper: INT2/INT4)
@@ -45,6 +45,7 @@ def _hobbit_low_bits(type_name: str) -> float:
     """The engine's low copy (backends/offload/low_copies.py, --hobbit-low auto): groupwise
     int4 (5 bits/weight with fp16 scale + min per 32) or int2 (3 bits) for files under 5 bits."""
     return 3.0 if BITS.get(type_name, 4.5) < 5 else 5.0
+PLAIN = ":plain"  # cpu_matvec_gbs key suffix: the unrepacked layout's rate (a GPU run's CPU weights)
 FALLBACK_GPU_MEM_GBS = 300.0  # when a profile lacks measured GPU bandwidth
 FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured
 
@@ -157,14 +158,19 @@ def params_per_token(card) -> float:
 # ---- rates ----------------------------------------------------------------------------------
 
 
-def cpu_rate_gbs(profile, type_name: str) -> float:
+def cpu_rate_gbs(profile, type_name: str, gpu_build: bool = False) -> float:
     """CPU bytes/s for a weight of this type at batch 1: the measured ggml matvec rate of its
-    kernel family, never above the measured RAM read bandwidth."""
+    kernel family, never above the measured RAM read bandwidth. `gpu_build`: the weight stays
+    in RAM while the run uses a GPU; llama.cpp then keeps it in the GPU's host buffer (or the
+    file's map), never in the CPU repack buffer, so the plain layout's rate applies
+    (`"<family>:plain"` in the profile; docs/cost-model.md, 'CPU weights of a GPU run')."""
     rates = profile.cpu_matvec_gbs or {}
     family = RATE_FAMILY.get(type_name, "Q4_K")
     # MXFP4 (gpt-oss's experts) has its own kernel, measured by `moechat profile` since
     # issue 20; profiles without it fall back to Q4_0's rate, as before
     rate = rates.get(family) or rates.get("Q4_0") or profile.ram_read_gbs
+    if gpu_build:
+        rate = rates.get(f"{family}{PLAIN}") or rate
     return min(rate, profile.ram_read_gbs) if profile.ram_read_gbs else rate
 
 
@@ -288,7 +294,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
         elif uses_gpu and on_gpu(card, t, placement):
             add("weights in VRAM", nbytes / (gpu_gbs * 1e9))
         else:
-            add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
+            add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name, gpu_build=uses_gpu) * 1e9))
     for gpu_s, cpu_s in fiddler_layers.values():
         add("experts GPU ‖ CPU (overlapped)", max(gpu_s, cpu_s))
     add("KV cache", kv_read_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
