@@ -26,7 +26,8 @@ VRAM_RESERVE_BYTES = 400 * MIB  # CUDA context + fragmentation headroom per GPU
 RAM_HEADROOM = 0.90  # plan to use at most 90% of the RAM available now
 UNIFIED_GPU_FRACTION = 0.75  # Metal's default working-set cap on unified memory
 N_UBATCH = 512  # llama.cpp micro-batch (prefill chunk)
-CPU_TOKEN_OVERHEAD_S = 2.0e-3  # llama_decode's per-token graph build/scheduling + Python eval (fitted here)
+CPU_TOKEN_OVERHEAD_S = 0.1e-3  # llama_decode's per-token graph build/scheduling + Python eval (a 2-layer model, measured)
+CPU_LAYER_OVERHEAD_S = 63e-6  # per CPU layer beyond its counted ops: small-matrix rates, per-layer work (fitted here)
 OPS_PER_LAYER = 30  # compute nodes of one llama.cpp MoE layer (norms, q/k/v/o, rope, attention, router, experts)
 OPS_PER_TOKEN = 8  # outside the layers: embedding lookup, output norm and projection
 EXPERT_OPS_PER_LAYER = 10  # the expert part of a layer (router, top-k, 3 mul_mat_id, glu, weighting, sum)
@@ -310,8 +311,10 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
 
 
 def cpu_layer_overhead_s(profile) -> float:
-    """Per-layer CPU overhead: ops per layer x the profile's measured cost per ggml op."""
-    return OPS_PER_LAYER * profile.cpu_op_s
+    """Per-layer CPU overhead: ops per layer x the profile's measured cost per ggml op, plus the
+    fixed per-layer remainder a layer costs beyond them (CPU_LAYER_OVERHEAD_S: docs/cost-model.md,
+    'Constants' - it was once counted per token)."""
+    return OPS_PER_LAYER * profile.cpu_op_s + CPU_LAYER_OVERHEAD_S
 
 
 def cpu_expert_matvec_s(card, profile, n_layers: int) -> float:
