@@ -152,5 +152,11 @@ def test_a_gpu_runs_cpu_experts_read_at_the_plain_layouts_rate(rtx4090):
     assert cm.cpu_rate_gbs(plain, "Q4_K", gpu_build=True) == slow
     assert cm.cpu_rate_gbs(plain, "Q4_K") == rtx4090.cpu_matvec_gbs["Q4_K"]
     assert cm.predict(card, plain, split).decode_terms["weights in RAM (CPU)"] == pytest.approx(2 * before)
-    cpu_only = cm.predict(card, plain, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"]
+    # a CPU-only placement repacks - unless the llama.cpp build can use the machine's GPU (-ngl 0
+    # on a CUDA build still puts the CPU weights in the GPU's host buffer)
+    no_offload = dataclasses.replace(plain, gpu_offload=False)
+    cpu_only = cm.predict(card, no_offload, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"]
     assert cpu_only == pytest.approx(cm.predict(card, rtx4090, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"])
+    assert plain.gpu_offload
+    on_gpu_build = cm.predict(card, plain, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"]
+    assert on_gpu_build == pytest.approx(cpu_only * 2, rel=0.05)  # experts dominate; dense weights too

@@ -272,6 +272,9 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
 
     gpu_gbs, link_gbs = gpu_mem_gbs(profile), h2d_gbs(profile)
     uses_gpu = placement.kind != "cpu"
+    # a llama.cpp build that can use a (discrete) GPU keeps its CPU weights in the GPU's host
+    # buffer even for a CPU-only placement (-ngl 0): unrepacked, as in a split
+    gpu_build = uses_gpu or bool(profile.gpus and profile.gpu_offload and not profile.gpus[0].unified)
     if uses_gpu and not profile.gpus:  # nothing to predict: the planner marks it unfit
         return Prediction(0.0, 0.0, ram, vram)
     fiddler_layers: dict[int, list[float]] = {}  # layer -> [GPU s, CPU s]: overlapped per layer
@@ -295,7 +298,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
         elif uses_gpu and on_gpu(card, t, placement):
             add("weights in VRAM", nbytes / (gpu_gbs * 1e9))
         else:
-            add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name, gpu_build=uses_gpu) * 1e9))
+            add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name, gpu_build=gpu_build) * 1e9))
     for gpu_s, cpu_s in fiddler_layers.values():
         add("experts GPU ‖ CPU (overlapped)", max(gpu_s, cpu_s))
     add("KV cache", kv_read_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
