@@ -46,9 +46,10 @@ def _hobbit_low_bits(type_name: str) -> float:
     """The engine's low copy (backends/offload/low_copies.py, --hobbit-low auto): groupwise
     int4 (5 bits/weight with fp16 scale + min per 32) or int2 (3 bits) for files under 5 bits."""
     return 3.0 if BITS.get(type_name, 4.5) < 5 else 5.0
-PLAIN = ":plain"  # cpu_matvec_gbs key suffix: the unrepacked layout's rate (a GPU run's CPU weights)
 FALLBACK_GPU_MEM_GBS = 300.0  # when a profile lacks measured GPU bandwidth
 FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured
+
+PLAIN = ":plain"  # cpu_matvec_gbs key suffix: the unrepacked layout's rate (a GPU run's CPU weights)
 
 # GGUF type -> the measured matvec type whose rate stands in for it (same kernel family).
 RATE_FAMILY = {

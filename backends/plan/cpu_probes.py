@@ -121,7 +121,8 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0, statistic: str = 
     if ggml is not None:
         target = max(MIN_MATVEC_BYTES, 4 * _llc_bytes())
         rates = _ggml_matvec_gbs(ggml, target, cols, threads, seconds, statistic)
-        return rates, (f"measured: ggml mul_mat (batch 1, llama.cpp's CPU repack layout; ':plain' = unrepacked, as a GPU run keeps CPU weights) on {cols}-wide rows, {target >> 20} MiB "
+        return rates, (f"measured: ggml mul_mat (batch 1, llama.cpp's CPU repack layout; ':plain' = unrepacked, "
+                       f"as a GPU run keeps its CPU weights) on {cols}-wide rows, {target >> 20} MiB "
                        f"of weights per type, {threads} threads, best of N")
     import numpy as np
 
