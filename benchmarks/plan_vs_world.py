@@ -5,7 +5,8 @@
 For every run in tests/fixtures/external_runs/runs.csv (published llama.cpp measurements,
 each with its URL and date), the cost model predicts exactly that run's placement on that
 machine's spec-sheet profile (tests/fixtures/external_runs/profiles/) at the run's depth,
-and the ratio predicted / measured is printed. Summaries per placement group (CPU only,
+and the ratio predicted / measured is printed (the prediction taken as the run's test
+measures it: llmfit `bench` figures include each request's prompt and round trip). Summaries per placement group (CPU only,
 all on GPU, `--n-cpu-moe` split, unified memory) are given separately for the fit rows and
 the hold-out rows (every third row of a group, fixed before any model change; nothing is
 fitted on them). `--bands` prints the measured/predicted ranges per group that
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moechat.backends.plan import cost_model as cm  # noqa: E402
 from moechat.backends.plan.error_bands import band_of_ratios  # noqa: E402
-from tests.fixtures.world_runs import GROUPS, load_runs, plan_inputs  # noqa: E402
+from tests.fixtures.world_runs import GROUPS, as_measured, load_runs, plan_inputs  # noqa: E402
 
 
 def predict_run(run) -> cm.Prediction:
@@ -33,9 +34,11 @@ def predict_run(run) -> cm.Prediction:
 
 
 def rows():
+    """(run, prediction, predicted / measured), the prediction taken as the run's test measures
+    it (llmfit bench rows include each request's prompt and round trip: world_runs.as_measured)."""
     for run in load_runs():
         p = predict_run(run)
-        yield run, p, p.decode_tok_s / run.decode_tok_s
+        yield run, p, as_measured(run, p.decode_tok_s) / run.decode_tok_s
 
 
 def summary(results, holdout: bool):
@@ -68,7 +71,8 @@ def main() -> int:
         place = run.placement if run.placement != "moe" else f"n-cpu-moe {run.n_cpu_moe}"
         prefill = f"{p.prefill_tok_s / run.prefill_tok_s:.2f} ({run.prefill_test})" if run.prefill_tok_s else ""
         print(line([run.id, run.group, "yes" if run.holdout else "", run.machine, f"{run.model} {run.quant}", place,
-                    str(run.n_past), f"{p.decode_tok_s:.1f}", f"{run.decode_tok_s:g}", f"{r:.2f}", prefill]))
+                    str(run.n_past), f"{as_measured(run, p.decode_tok_s):.1f}", f"{run.decode_tok_s:g}", f"{r:.2f}",
+                    prefill]))
     for holdout in (False, True):
         print()
         print(("hold-out runs (never fitted on)" if holdout else "fit runs") + ":")

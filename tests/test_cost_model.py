@@ -34,6 +34,7 @@ def test_cpu_decode_is_bytes_over_measured_rate_plus_overheads(laptop):
     f32 = sum(cm.read_bytes_per_token(card, t) for t in card.tensors if t.type_name == "F32")
     expected = (q4 / (laptop.cpu_matvec_gbs["Q4_0"] * 1e9) + f32 / (laptop.cpu_matvec_gbs["F16"] * 1e9)
                 + cm.CPU_TOKEN_OVERHEAD_S + (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER) * laptop.cpu_op_s
+                + card.n_layers * cm.CPU_LAYER_OVERHEAD_S
                 # one fixed cost per selected expert and projection (8 of 64 experts, 3 projections, 16 layers)
                 + 16 * 8 * 3 * cm.EXPERT_PRODUCT_OPS * laptop.cpu_op_s)
     assert 1 / p.decode_tok_s == pytest.approx(expected, rel=1e-3)
@@ -133,3 +134,29 @@ def test_mxfp4_uses_its_own_measured_rate_else_q4_0s(laptop):
     profiled = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "MXFP4": 9.5})
     assert cm.cpu_rate_gbs(profiled, "MXFP4") == 9.5
     assert cm.cpu_rate_gbs(profiled, "Q4_0") == laptop.cpu_matvec_gbs["Q4_0"]
+
+
+def test_a_gpu_runs_cpu_experts_read_at_the_plain_layouts_rate(rtx4090):
+    """llama.cpp keeps the RAM-resident weights of a run that uses a GPU unrepacked (the GPU's
+    host buffer comes before the CPU repack buffer), so `--n-cpu-moe` experts read at the
+    profile's ':plain' rate; a CPU-only run reads the repacked rate; without a ':plain' figure
+    the family's rate stands in."""
+    import dataclasses
+
+    card = geometry_card("qwen3-30b-a3b", qtype="Q4_K")
+    split = cm.Placement("moe", 48)
+    assert cm.cpu_rate_gbs(rtx4090, "Q4_K", gpu_build=True) == cm.cpu_rate_gbs(rtx4090, "Q4_K")  # no ':plain'
+    before = cm.predict(card, rtx4090, split).decode_terms["weights in RAM (CPU)"]
+    slow = rtx4090.cpu_matvec_gbs["Q4_K"] / 2
+    plain = dataclasses.replace(rtx4090, cpu_matvec_gbs={**rtx4090.cpu_matvec_gbs, "Q4_K" + cm.PLAIN: slow})
+    assert cm.cpu_rate_gbs(plain, "Q4_K", gpu_build=True) == slow
+    assert cm.cpu_rate_gbs(plain, "Q4_K") == rtx4090.cpu_matvec_gbs["Q4_K"]
+    assert cm.predict(card, plain, split).decode_terms["weights in RAM (CPU)"] == pytest.approx(2 * before)
+    # a CPU-only placement repacks - unless the llama.cpp build can use the machine's GPU (-ngl 0
+    # on a CUDA build still puts the CPU weights in the GPU's host buffer)
+    no_offload = dataclasses.replace(plain, gpu_offload=False)
+    cpu_only = cm.predict(card, no_offload, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"]
+    assert cpu_only == pytest.approx(cm.predict(card, rtx4090, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"])
+    assert plain.gpu_offload
+    on_gpu_build = cm.predict(card, plain, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"]
+    assert on_gpu_build == pytest.approx(cpu_only * 2, rel=0.05)  # experts dominate; dense weights too

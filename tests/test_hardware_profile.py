@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moechat.backends.plan import cpu_probes, gpu_probes
@@ -55,9 +56,19 @@ def test_ggml_matvec_rate_covers_every_type(monkeypatch):
     monkeypatch.setattr(cpu_probes, "MIN_MATVEC_BYTES", 4 * 1024**2)
     monkeypatch.setattr(cpu_probes, "_llc_bytes", lambda: 256 * 1024)
     rates, source = cpu_probes.measure_cpu_matvec_gbs(threads=1)
-    assert set(rates) == set(cpu_probes.MATVEC_QTYPES)
+    assert {k.removesuffix(cpu_probes.PLAIN) for k in rates} == set(cpu_probes.MATVEC_QTYPES)
     assert all(r > 0 for r in rates.values())
     assert "ggml" in source
+    # the types ggml repacks on this CPU are also timed unrepacked, as a GPU run keeps them
+    from moechat.kernels import ggml
+
+    def weight(q):  # 8 rows of 4096 columns: only the type and shape matter here
+        block, block_bytes = cpu_probes._QUANT_SIZES[q]
+        data = ggml.aligned_empty(8 * 4096 // block * block_bytes)
+        return ggml.QuantWeight(data, ggml.ggml_type_id(q), (4096, 8))
+
+    repacked = {q for q in cpu_probes.MATVEC_QTYPES if ggml.can_repack(weight(q), ggml.REPACK_TYPES)}
+    assert {k.removesuffix(cpu_probes.PLAIN) for k in rates if k.endswith(cpu_probes.PLAIN)} == repacked
 
 
 def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.plan_vs_world import predict_run  # noqa: E402
@@ -15,7 +17,7 @@ from moechat.backends.plan import error_bands  # noqa: E402
 from moechat.backends.plan.hardware_profile import read_profile  # noqa: E402
 from moechat.backends.plan.planner import make_plan  # noqa: E402
 from tests.fixtures.random_geometry import geometry_card  # noqa: E402
-from tests.fixtures.world_runs import GROUPS, PROFILES, RUNS_CSV, load_runs, run_card  # noqa: E402
+from tests.fixtures.world_runs import GROUPS, PROFILES, RUNS_CSV, as_measured, load_runs, run_card  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,7 @@ def test_cards_have_the_published_file_size():
 def test_error_bands_agree_with_the_table():
     ratios = {g: [] for g in GROUPS}
     for r in load_runs():
-        ratios[r.group].append(r.decode_tok_s / predict_run(r).decode_tok_s)
+        ratios[r.group].append(r.decode_tok_s / as_measured(r, predict_run(r).decode_tok_s))
     for group in GROUPS:
         band = error_bands.BANDS[group]
         lo, hi = error_bands.band_of_ratios(ratios[group])
@@ -116,4 +118,40 @@ def test_calibrated_gpu_bandwidths_come_from_the_dense_runs():
             assert p.gpus[0].mem_gbs == round(implied[0]), path.stem
             assert "dense llama-bench runs" in p.sources["gpus[0].mem_gbs"]
             assert implied[0] < p.gpus[0].mem_gbs * 1.01 and 0 < implied[1] < 5e-3
-    assert calibrated == 8
+    assert calibrated == 9
+
+
+def test_gpu_runs_cpu_rate_comes_from_the_dense_split_runs():
+    """The 10900X's ':plain' rates (what its GPU runs read RAM-resident weights at) are the
+    rate its own dense layer-split runs imply, no MoE run entering it."""
+    from moechat.backends.plan.cost_model import PLAIN
+    from tests.fixtures.world_runs import dense_cpu_rate
+
+    p = read_profile(PROFILES / "10900x-rtx2080.json")
+    rate = dense_cpu_rate("10900x-rtx2080")
+    plain = {k: v for k, v in p.cpu_matvec_gbs.items() if k.endswith(PLAIN)}
+    assert plain and all(v == round(rate, 1) for v in plain.values())
+    assert rate < p.cpu_matvec_gbs["Q4_K"] / 1.5  # far below the figure the CPU-only rule gave
+    assert dense_cpu_rate("265k-rtx4090") is None  # no split runs published for it
+
+
+def test_llmfit_bench_rows_are_predicted_as_the_tool_measures_them():
+    from tests.fixtures.world_runs import LLMFIT_REQUEST_S
+
+    runs = {r.id: r for r in load_runs()}
+    bench = [r for r in runs.values() if r.decode_test.startswith("llmfit bench")]
+    assert bench and all(r.request_tokens for r in bench)
+    assert 0.2 < LLMFIT_REQUEST_S < 0.5  # s01's own pair: bench 4432 ms a request vs 36.7 tok/s decode
+    s02 = runs["s02"]
+    assert as_measured(s02, 50.0) == pytest.approx(s02.request_tokens / (s02.request_tokens / 50.0 + LLMFIT_REQUEST_S))
+    assert as_measured(runs["s01"], 50.0) == 50.0  # the server's own decode timing: taken as is
+
+
+def test_gpt_oss_cards_keep_mxfp4_experts_at_their_exact_size():
+    import math
+
+    for r in load_runs():
+        if r.model.startswith("gpt-oss"):
+            card = run_card(r)
+            experts = [t for t in card.tensors if t.is_expert and t.type_name == "MXFP4"]
+            assert experts and all(t.n_bytes == math.prod(t.shape) * 17 // 32 for t in experts), r.id

@@ -26,7 +26,8 @@ VRAM_RESERVE_BYTES = 400 * MIB  # CUDA context + fragmentation headroom per GPU
 RAM_HEADROOM = 0.90  # plan to use at most 90% of the RAM available now
 UNIFIED_GPU_FRACTION = 0.75  # Metal's default working-set cap on unified memory
 N_UBATCH = 512  # llama.cpp micro-batch (prefill chunk)
-CPU_TOKEN_OVERHEAD_S = 2.0e-3  # llama_decode's per-token graph build/scheduling + Python eval (fitted here)
+CPU_TOKEN_OVERHEAD_S = 0.1e-3  # llama_decode's per-token graph build/scheduling + Python eval (a 2-layer model, measured)
+CPU_LAYER_OVERHEAD_S = 63e-6  # per CPU layer beyond its counted ops: small-matrix rates, per-layer work (fitted here)
 OPS_PER_LAYER = 30  # compute nodes of one llama.cpp MoE layer (norms, q/k/v/o, rope, attention, router, experts)
 OPS_PER_TOKEN = 8  # outside the layers: embedding lookup, output norm and projection
 EXPERT_OPS_PER_LAYER = 10  # the expert part of a layer (router, top-k, 3 mul_mat_id, glu, weighting, sum)
@@ -34,7 +35,7 @@ GPU_TOKEN_OVERHEAD_S = 1.0e-3  # graph build + launch + logits copy (estimate, G
 GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer (estimate)
 HANDOFF_S = 30e-6  # one GPU<->CPU activation hand-off (PCIe latency + sync), estimate
 TORCH_LAYER_OVERHEAD_S = 200e-6  # Python + torch dispatch per layer for the torch engines
-EXPERT_PRODUCT_OPS = 6  # fixed cost of one selected expert's product on the CPU, in ggml ops (fitted: runs s01, c01)
+EXPERT_PRODUCT_OPS = 3  # fixed cost of one selected expert's product on the CPU, in ggml ops (least squares on the fit runs)
 CPU_PREFILL_EFFICIENCY = 0.6  # ggml quantized GEMM vs measured float32 BLAS rate (fitted)
 GPU_PREFILL_EFFICIENCY = 0.35  # achieved / peak fp16 matmul at batch 512 (estimate)
 HOBBIT_LOW_BITS = 2.0  # bits of a low-precision expert copy loaded on a miss (paper: INT2/INT4)
@@ -49,6 +50,8 @@ def _hobbit_low_bits(type_name: str) -> float:
     return 3.0 if BITS.get(type_name, 4.5) < 5 else 5.0
 FALLBACK_GPU_MEM_GBS = 300.0  # when a profile lacks measured GPU bandwidth
 FALLBACK_H2D_GBS = 12.0  # PCIe 4 x16 achieved, when not measured
+
+PLAIN = ":plain"  # cpu_matvec_gbs key suffix: the unrepacked layout's rate (a GPU run's CPU weights)
 
 # GGUF type -> the measured matvec type whose rate stands in for it (same kernel family).
 RATE_FAMILY = {
@@ -159,14 +162,19 @@ def params_per_token(card) -> float:
 # ---- rates ----------------------------------------------------------------------------------
 
 
-def cpu_rate_gbs(profile, type_name: str) -> float:
+def cpu_rate_gbs(profile, type_name: str, gpu_build: bool = False) -> float:
     """CPU bytes/s for a weight of this type at batch 1: the measured ggml matvec rate of its
-    kernel family, never above the measured RAM read bandwidth."""
+    kernel family, never above the measured RAM read bandwidth. `gpu_build`: the weight stays
+    in RAM while the run uses a GPU; llama.cpp then keeps it in the GPU's host buffer (or the
+    file's map), never in the CPU repack buffer, so the plain layout's rate applies
+    (`"<family>:plain"` in the profile; docs/cost-model.md, 'CPU weights of a GPU run')."""
     rates = profile.cpu_matvec_gbs or {}
     family = RATE_FAMILY.get(type_name, "Q4_K")
     # MXFP4 (gpt-oss's experts) has its own kernel, measured by `moechat profile` since
     # issue 20; profiles without it fall back to Q4_0's rate, as before
     rate = rates.get(family) or rates.get("Q4_0") or profile.ram_read_gbs
+    if gpu_build:
+        rate = rates.get(f"{family}{PLAIN}") or rate
     return min(rate, profile.ram_read_gbs) if profile.ram_read_gbs else rate
 
 
@@ -267,6 +275,9 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
 
     gpu_gbs, link_gbs = gpu_mem_gbs(profile), h2d_gbs(profile)
     uses_gpu = placement.kind != "cpu"
+    # a llama.cpp build that can use a (discrete) GPU keeps its CPU weights in the GPU's host
+    # buffer even for a CPU-only placement (-ngl 0): unrepacked, as in a split
+    gpu_build = uses_gpu or bool(profile.gpus and profile.gpu_offload and not profile.gpus[0].unified)
     if uses_gpu and not profile.gpus:  # nothing to predict: the planner marks it unfit
         return Prediction(0.0, 0.0, ram, vram)
     fiddler_layers: dict[int, list[float]] = {}  # layer -> [GPU s, CPU s]: overlapped per layer
@@ -290,7 +301,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
         elif uses_gpu and on_gpu(card, t, placement):
             add("weights in VRAM", nbytes / (gpu_gbs * 1e9))
         else:
-            add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name) * 1e9))
+            add("weights in RAM (CPU)", nbytes / (cpu_rate_gbs(profile, t.type_name, gpu_build=gpu_build) * 1e9))
     for gpu_s, cpu_s in fiddler_layers.values():
         add("experts GPU ‖ CPU (overlapped)", max(gpu_s, cpu_s))
     add("KV cache", kv_read_bytes(card, n_past) / ((gpu_gbs if uses_gpu else profile.ram_read_gbs) * 1e9))
@@ -306,8 +317,10 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
 
 
 def cpu_layer_overhead_s(profile) -> float:
-    """Per-layer CPU overhead: ops per layer x the profile's measured cost per ggml op."""
-    return OPS_PER_LAYER * profile.cpu_op_s
+    """Per-layer CPU overhead: ops per layer x the profile's measured cost per ggml op, plus the
+    fixed per-layer remainder a layer costs beyond them (CPU_LAYER_OVERHEAD_S: docs/cost-model.md,
+    'Constants' - it was once counted per token)."""
+    return OPS_PER_LAYER * profile.cpu_op_s + CPU_LAYER_OVERHEAD_S
 
 
 def cpu_expert_matvec_s(card, profile, n_layers: int) -> float:

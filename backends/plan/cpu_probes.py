@@ -10,6 +10,7 @@ import platform
 import time
 from pathlib import Path
 
+from moechat.backends.plan.cost_model import PLAIN
 from moechat.backends.plan.hardware_profile import CpuInfo
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
@@ -120,7 +121,8 @@ def measure_cpu_matvec_gbs(threads: int, seconds: float = 1.0, statistic: str = 
     if ggml is not None:
         target = max(MIN_MATVEC_BYTES, 4 * _llc_bytes())
         rates = _ggml_matvec_gbs(ggml, target, cols, threads, seconds, statistic)
-        return rates, (f"measured: ggml mul_mat (batch 1, llama.cpp's CPU repack layout) on {cols}-wide rows, {target >> 20} MiB "
+        return rates, (f"measured: ggml mul_mat (batch 1, llama.cpp's CPU repack layout; ':plain' = unrepacked, "
+                       f"as a GPU run keeps its CPU weights) on {cols}-wide rows, {target >> 20} MiB "
                        f"of weights per type, {threads} threads, best of N")
     import numpy as np
 
@@ -183,12 +185,19 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float,
             row_bytes = cols // block * block_bytes
             rows = target // row_bytes // ggml.REPACK_ROW_MULTIPLE * ggml.REPACK_ROW_MULTIPLE
             weight = ggml.QuantWeight(buf[: rows * row_bytes], ggml.ggml_type_id(q), (cols, rows))
-            # the layout llama.cpp loads CPU weights into: repacked where it repacks
-            linear = ggml_ops.QuantLinear(ggml.maybe_repack(weight, ggml.REPACK_TYPES), backend)
-            try:
-                rates[q] = rows * row_bytes / _best_time(lambda: linear(x), seconds / len(MATVEC_QTYPES), 5, statistic) / 1e9
-            finally:
-                linear.close()
+            # the layout llama.cpp loads CPU weights into: repacked where it repacks (CPU-only
+            # runs), and, for a type it repacks, the plain layout too: a run that uses a GPU
+            # keeps its CPU weights in the GPU's host buffer, unrepacked (cost_model.PLAIN)
+            layouts = {q: ggml.maybe_repack(weight, ggml.REPACK_TYPES)}
+            if layouts[q] is not weight:
+                layouts[q + PLAIN] = weight
+            for key, w in layouts.items():
+                linear = ggml_ops.QuantLinear(w, backend)
+                try:
+                    rates[key] = rows * row_bytes / _best_time(lambda: linear(x), seconds / len(MATVEC_QTYPES), 5,
+                                                               statistic) / 1e9
+                finally:
+                    linear.close()
     finally:
         backend.close()
     return rates

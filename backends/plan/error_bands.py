@@ -30,10 +30,10 @@ class ErrorBand:
 
 # group -> band; regenerate with `benchmarks/plan_vs_world.py --bands`
 BANDS: dict[str, ErrorBand] = {
-    "cpu": ErrorBand(0.90, 1.64, ("c01", "c02", "c03", "c04")),
-    "gpu": ErrorBand(0.61, 1.13, ("g01", "g02", "g03", "g04", "g05", "g06", "g07")),
-    "split": ErrorBand(0.65, 1.04, ("s01", "s02", "s03", "s04", "s05")),
-    "unified": ErrorBand(0.65, 1.04, ("u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08", "u09", "u10",
+    "cpu": ErrorBand(0.84, 1.16, ("c01", "c02", "c03", "c04")),
+    "gpu": ErrorBand(0.73, 1.27, ("g01", "g02", "g03", "g04", "g05", "g06", "g07")),
+    "split": ErrorBand(0.77, 1.04, ("s01", "s02", "s03", "s04", "s05")),
+    "unified": ErrorBand(0.76, 1.18, ("u01", "u02", "u03", "u04", "u05", "u06", "u07", "u08", "u09", "u10",
                                       "u11", "u12", "u13")),
 }
 

@@ -9,7 +9,9 @@ measured, never looked up:
   (STREAM rules; benchmarks/ram_bandwidth.py checks it against a compiled STREAM kernel).
 - `cpu_matvec_gbs[qtype]`: weight bytes per second of ggml's quantized matrix-vector product
   on an expert-sized matrix (what llama.cpp runs per expert at batch 1), when the ggml binding
-  is there; otherwise a float32 matvec stands in and the source says so.
+  is there; otherwise a float32 matvec stands in and the source says so. For the types ggml
+  repacks, `"<qtype>:plain"` is the same product unrepacked: how a run that uses a GPU reads
+  the weights it leaves in RAM (cost_model.cpu_rate_gbs).
 - `cpu_gflops`: float32 matrix-multiply rate (prefill is compute-bound).
 - with CUDA (torch): host->device bandwidth from pinned memory and device memory bandwidth.
 
