@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,13 +128,17 @@ def run_child(args: list[str], limit: int | None, timeout: float) -> dict:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
     cmd = [sys.executable, __file__, "--child", *args]
+    # each run evaluates its whole prompt: a KV state saved by an earlier run (another cap,
+    # another engine) restored here would make the greedy-token comparison one of caches
+    env = {**os.environ, "MOECHAT_KV_CACHE_DIR": tempfile.mkdtemp(prefix="moechat-over-ram-kv-")}
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=enter)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=enter, env=env)
         peak = int((group / "memory.max_usage_in_bytes").read_text()) if group else 0
         killed = group is not None and "oom_kill 1" in (group / "memory.oom_control").read_text()
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     finally:
+        shutil.rmtree(env["MOECHAT_KV_CACHE_DIR"], ignore_errors=True)
         if group is not None:
             for _ in range(50):
                 try:
