@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/mxfp4_cpu_rate.py [--rounds 6] [--threads 1] [--mib N]
 
 ggml's mul_mat at batch 1 through kernels/ggml.py (the ggml llama.cpp loads), on a 4096-wide
-weight of 4 x LLC (or --mib), each type in the layout llama.cpp's CPU backend uses (Q4_0 and Q4_K
-repacked, Q8_0 and MXFP4 plain: ggml has no repacked MXFP4 kernel on x86). Rounds alternate
+weight of 4 x LLC (or --mib): Q4_0 and Q4_K repacked, Q8_0 and MXFP4 in the plain layout (ggml
+does repack MXFP4 on AVX2 too, kernels/ggml.py REPACK_TYPES; the plain rate is what a GPU
+build's CPU experts run at, see docs/cost-model.md). Rounds alternate
 the types; the best round per type is kept (STREAM's rule: the machine is shared). The
 MXFP4 rate per thread is what backends/plan/cost_model.py assumes for MXFP4 experts on the
 CPU when a profile has not measured MXFP4 (MXFP4_CPU_GBS_PER_THREAD).

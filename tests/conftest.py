@@ -32,6 +32,7 @@ def _module_kv_dir(tmp_path_factory, _session_kv_dir):
 def _isolated_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECHAT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MOECHAT_KV_CACHE_DIR", str(tmp_path / "kv"))  # saved KV states (issue 16)
+    monkeypatch.setenv("MOECHAT_RUN_LOG", str(tmp_path / "runs.sqlite3"))  # recorded runs (issue 19)
 
 
 @pytest.fixture(scope="session")

@@ -93,9 +93,12 @@ def placement_key(engine: str, placement: str, n_cpu_moe: int | None) -> str:
 class RunLog:
     def __init__(self, path: Path | None = None):
         if path is None:
+            import os
+
             from moechat.backends.paths import cache_dir
 
-            path = cache_dir() / FILE_NAME
+            override = os.environ.get("MOECHAT_RUN_LOG")  # tests keep theirs out of the user's
+            path = Path(override) if override else cache_dir() / FILE_NAME
         self.path = path
         self._db = sqlite3.connect(path, timeout=10)
         self._db.executescript(SCHEMA)
