@@ -139,6 +139,7 @@ def _expecting(opened, choice):
     """The engine the plan chose, told the plan's per-token time (a stall is far above it)."""
     if choice.decode_tok_s > 0 and hasattr(opened, "expected_token_s"):
         opened.expected_token_s = 1.0 / choice.decode_tok_s
+    opened.planned = choice  # its prediction is what record_reply stores beside the measured
     return opened
 
 
@@ -294,16 +295,23 @@ def engine_for_candidate(card: ModelCard, candidate, n_ctx: int | None = None, t
 
 def record_reply(card: ModelCard, engine, last) -> None:
     """Store a finished reply's measured speeds beside the plan's prediction for the same
-    placement (backends/plan/run_log.py), so the next plans are corrected by them. Engines
-    without a llama.cpp placement are not recorded yet; a failure here never costs the reply."""
+    placement (backends/plan/run_log.py), so the next plans are corrected by them: the
+    llama.cpp engine's placements and the stream engine's (`plan_placement`, the planner's
+    name for it); the others have no planner candidate on this machine yet. A failure here
+    never costs the reply."""
     spec = getattr(engine, "placement_spec", None)
-    if spec is None or last is None or last.finish_reason == "error":
+    if spec is not None:
+        kind, n_cpu_moe = spec.kind, spec.n_cpu_moe if spec.kind == "moe" else None
+    else:
+        kind, n_cpu_moe = getattr(engine, "plan_placement", None), None
+    if kind is None or last is None or last.finish_reason == "error":
         return
     from moechat.backends.plan.run_log import record_run
 
     try:
-        record_run(card, engine.name, spec.kind, spec.n_cpu_moe if spec.kind == "moe" else None,
-                   getattr(engine, "n_ctx", None) or default_context(card), last)
+        record_run(card, engine.name, kind, n_cpu_moe,
+                   getattr(engine, "n_ctx", None) or default_context(card), last,
+                   planned=getattr(engine, "planned", None))
     except Exception as err:  # the store is a nicety: say so on stderr, keep the reply
         print(f"moechat: warning: could not record the run ({type(err).__name__}: {err})",
               file=sys.stderr)

@@ -170,3 +170,27 @@ def test_ask_says_once_that_a_drifted_profile_is_stale(cache, tiny_model):
     assert len(hint) == 1 and "profile is stale: moechat profile --refresh" in hint[0], first
     assert "stale" not in second  # once per profile
     assert hp.read_profile(hp.profile_path()).measured_at == measured_profile().measured_at  # not re-measured
+
+
+def test_a_run_is_stored_beside_the_prediction_it_was_opened_with(cache, tmp_path):
+    """An engine the plan chose keeps that candidate: its uncorrected prediction is stored,
+    not one from a plan made with the model loaded (which sees the engine's own memory as
+    taken: a streamed model would then no longer fit and nothing would be recorded)."""
+    from types import SimpleNamespace
+
+    from moechat.backends.plan.planner import Candidate
+    from tests.fixtures.random_geometry import geometry_card
+
+    hp.write_profile(measured_profile(), hp.profile_path())
+    card = geometry_card("mixtral-8x7b", qtype="Q8_0")
+    planned = Candidate("stream", "experts streamed from disk", None, 30.0, 6.0, 1, 0, True, True, "",
+                        cost_model_decode_tok_s=5.0, cost_model_prefill_tok_s=25.0)
+    last = SimpleNamespace(stats={"decoded_tokens": 64, "prompt_tokens_evaluated": 40, "threads": 2},
+                           decode_tok_s=4.0, prefill_tok_s=20.0)
+    log = RunLog(tmp_path / "runs.sqlite3")
+    stored = run_log.record_run(card, "stream", "experts streamed from disk", None, 4096, last, log, planned)
+    assert (stored.predicted_decode, stored.predicted_prefill, stored.measured_decode) == (5.0, 25.0, 4.0)
+    assert log.recent(measured_profile().measured_at) == [stored]
+    # another placement than the one planned: predicted from a plan made now
+    other = run_log.record_run(card, "llama.cpp", "cpu", None, 4096, last, log, planned)
+    assert other is None or other.predicted_decode != 5.0

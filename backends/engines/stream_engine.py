@@ -16,10 +16,12 @@ import time
 from moechat.backends.engines.offload_engine import OffloadEngine
 from moechat.backends.errors import MoechatError
 from moechat.backends.model.model_card import ModelCard
+from moechat.backends.plan.streamed import PLACEMENT as STREAM_PLACEMENT
 
 
 class StreamEngine(OffloadEngine):
     name = "stream"
+    plan_placement = STREAM_PLACEMENT  # the planner's candidate (its recorded runs correct it)
 
     def __init__(self, card: ModelCard, n_ctx=None, threads=None, ram_budget: int | None = None,
                  policy: str = "hobbit", prefetch: bool = True, progress: bool = True,

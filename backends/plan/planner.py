@@ -189,9 +189,9 @@ def _fits_in_memory(card, profile, n_ctx) -> bool:
 def _over_ram_candidates(card, profile, n_ctx, routing):
     """Bigger than RAM (+ VRAM): llama.cpp over mmap, and experts streamed from disk
     (backends/plan/streamed.py)."""
-    from moechat.backends.plan.streamed import over_ram
+    from moechat.backends.plan.streamed import PLACEMENT, over_ram
 
-    for engine, placement, p in zip(("llama.cpp", "stream"), ("cpu over mmap", "experts streamed from disk"),
+    for engine, placement, p in zip(("llama.cpp", "stream"), ("cpu over mmap", PLACEMENT),
                                     over_ram(card, profile, n_ctx, routing)):
         yield Candidate(engine, placement, None, p.prefill_tok_s, p.decode_tok_s, p.ram_bytes, 0,
                         p.fits, True, p.note)

@@ -191,10 +191,13 @@ def profile_drifted(profile, log: RunLog | None = None) -> bool:
 
 
 def record_run(card, engine: str, placement: str, n_cpu_moe: int | None, n_ctx: int, last,
-               log: RunLog | None = None) -> Run | None:
+               log: RunLog | None = None, planned=None) -> Run | None:
     """Store one finished reply (`last`: its final Event) beside the cost model's uncorrected
     prediction on this machine's measured profile. Nothing is stored for short replies, or
-    before the machine was ever measured (nominal speeds predict nothing worth correcting)."""
+    before the machine was ever measured (nominal speeds predict nothing worth correcting).
+    `planned`: the candidate the engine was opened from, when the plan chose it — its
+    prediction is the one to keep (a plan made now, with the model loaded, would see the
+    memory the engine itself holds as taken: a streamed model would no longer "fit")."""
     from moechat.backends.plan.hardware_profile import load_profile, profile_path
     from moechat.backends.plan.planner import NoFitError, make_plan
 
@@ -203,19 +206,27 @@ def record_run(card, engine: str, placement: str, n_cpu_moe: int | None, n_ctx: 
     if decoded < MIN_DECODE_TOKENS or last.decode_tok_s <= 0 or not profile_path().exists():
         return None
     profile = load_profile(measure=False)
-    try:
-        candidates = make_plan(card, profile, n_ctx=n_ctx).candidates
-    except NoFitError as err:
-        candidates = err.candidates
     key = placement_key(engine, placement, n_cpu_moe)
-    match = next((c for c in candidates
-                  if placement_key(c.engine, c.placement, c.n_cpu_moe) == key and c.decode_tok_s > 0), None)
-    if match is None:
-        return None
+
+    def same(c) -> bool:
+        return placement_key(c.engine, c.placement, c.n_cpu_moe) == key and c.decode_tok_s > 0
+
+    if planned is not None and same(planned):
+        predicted = (planned.cost_model_prefill_tok_s or planned.prefill_tok_s,
+                     planned.cost_model_decode_tok_s or planned.decode_tok_s)
+    else:
+        try:
+            candidates = make_plan(card, profile, n_ctx=n_ctx).candidates
+        except NoFitError as err:
+            candidates = err.candidates
+        match = next((c for c in candidates if same(c)), None)
+        if match is None:
+            return None
+        predicted = (match.prefill_tok_s, match.decode_tok_s)
     run = Run(model=model_key(card), placement=key, profile=profile.measured_at,
               threads=stats.get("threads"), prompt_tokens=int(stats.get("prompt_tokens_evaluated", 0)),
-              decode_tokens=decoded, predicted_prefill=match.prefill_tok_s,
-              predicted_decode=match.decode_tok_s, measured_prefill=last.prefill_tok_s,
+              decode_tokens=decoded, predicted_prefill=predicted[0],
+              predicted_decode=predicted[1], measured_prefill=last.prefill_tok_s,
               measured_decode=last.decode_tok_s, at=time.time())
     own = log is None
     log = log or _open_quietly()

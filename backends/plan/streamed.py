@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 1024**2
+PLACEMENT = "experts streamed from disk"  # the planner's name for the stream engine's placement
 HEADROOM_BYTES = 96 * MIB  # allocator slack, ggml graph buffers, Python objects made per step
 HEADROOM_SHARE = 0.04  # ... and a share of the budget on top (page cache of the dense weights)
 READ_THREADS = 4  # reads in flight

@@ -389,3 +389,33 @@ def test_the_drive_is_probed_at_the_models_slice_size_and_cached_per_size(tmp_pa
     again = disk_probe.disk_speed(str(model), read_bytes=260_000)  # same power of two: cached
     disk_probe.disk_speed(str(model), read_bytes=2 * 1024**2)
     assert probed == [256 * 1024, 2 * 1024**2] and again == small and small.large_gbs > 0
+
+
+def test_a_stream_reply_is_recorded_against_the_planners_stream_candidate(tiny_model, monkeypatch):
+    """The stream engine's replies feed the run log under the planner's placement name, so
+    its measured speed corrects the next plan's stream prediction (issue 19's correction)."""
+    from moechat.backends import manager
+    from moechat.backends.engines.stream_engine import StreamEngine
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.plan import run_log
+    from moechat.backends.plan.planner import make_plan
+    from moechat.backends.plan.hardware_profile import read_profile
+    from pathlib import Path
+
+    card = read_model_card(tiny_model("qwen2moe", "Q8_0"))
+    engine = StreamEngine(card, n_ctx=256, threads=1, ram_budget=64 * GIB, progress=False, max_slots=8)
+    recorded = []
+    monkeypatch.setattr(run_log, "record_run", lambda *args, **kw: recorded.append(args))
+    try:
+        _, last = _tokens(engine, max_tokens=16)
+        manager.record_reply(card, engine, last)
+    finally:
+        engine.close()
+    (_, name, placement, n_cpu_moe, _, event), = recorded
+    assert (name, n_cpu_moe, event) == ("stream", None, last)
+    from tests.fixtures.random_geometry import geometry_card
+
+    plan = make_plan(geometry_card("mixtral-8x7b", qtype="Q8_0"),
+                     read_profile(Path(__file__).parents[1] / "profiles" / "laptop-4060-8gb.json"))
+    keys = {run_log.placement_key(c.engine, c.placement, c.n_cpu_moe) for c in plan.candidates}
+    assert run_log.placement_key(name, placement, n_cpu_moe) in keys
