@@ -96,17 +96,24 @@ def attention_per_query(q, k, v, start: int, scale: float) -> torch.Tensor:
     tokens or alone in a decode step, so a cached decode step gives what a full forward gives
     at that position (a batched product rounds differently per batch shape, and these models
     amplify ulp changes through the f16 roundings)."""
-    t, h, dh = q.shape
-    hkv = k.shape[0]
-    qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dh)  # [T, Hkv, G, Dh]
-    kf, vf = k.float(), v.float()  # [Hkv, S, Dh]
-    out = torch.empty(t, hkv, h // hkv, dh, device=q.device)
+    t, h, _ = q.shape
+    return per_query_heads(q, k, v, start, scale).view(t, -1).to(q.dtype)
+
+
+def per_query_heads(q, k, v, start: int, scale: float) -> torch.Tensor:
+    """attention_per_query's loop: q [T, H, Dk], k [Hkv, S, Dk], v [Hkv, S, Dv] -> float32
+    [T, H, Dv] (MLA's latent attention uses it as is: one latent head, Dv < Dk)."""
+    t, h, dk = q.shape
+    hkv, _, dv = v.shape
+    qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dk)  # [T, Hkv, G, Dk]
+    kf, vf = k.float(), v.float()  # [Hkv, S, Dk], [Hkv, S, Dv]
+    out = torch.empty(t, hkv, h // hkv, dv, device=q.device)
     for i in range(t):
         seen = start + i + 1
         scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
         probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
-        torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dh]
-    return out.view(t, h * dh).to(q.dtype)
+        torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dv]
+    return out.view(t, h, dv)
 
 
 def attention_batched(q, k, v, start: int, scale: float) -> torch.Tensor:

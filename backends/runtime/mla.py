@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from moechat.backends.runtime.kv_cache import KVCache
+from moechat.backends.runtime.layers import per_query_heads
 
 
 class LatentCache(KVCache):
@@ -65,17 +66,7 @@ def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
 
 
 def latent_attention_per_query(q, k, v, start: int, scale: float) -> torch.Tensor:
-    t, h, dk = q.shape
-    hkv, _, dv = v.shape
-    qg = q.to(k.dtype).float().view(t, hkv, h // hkv, dk)  # [T, Hkv, G, Dk]
-    kf, vf = k.float(), v.float()  # [Hkv, S, Dk], [Hkv, S, Dv]
-    out = torch.empty(t, hkv, h // hkv, dv, device=q.device)
-    for i in range(t):
-        seen = start + i + 1
-        scores = torch.bmm(qg[i], kf[:, :seen].transpose(1, 2)).mul_(scale)  # [Hkv, G, seen]
-        probs = torch.softmax(scores, dim=-1).to(v.dtype).float()
-        torch.bmm(probs, vf[:, :seen], out=out[i])  # [Hkv, G, Dv]
-    return out.view(t, h, dv)
+    return per_query_heads(q, k, v, start, scale)  # the same loop and roundings as layers
 
 
 def latent_attention_batched(q, k, v, start: int, scale: float) -> torch.Tensor:
