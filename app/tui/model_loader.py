@@ -17,10 +17,13 @@ class EngineOptions:
     vram_budget: str | None = None
     hobbit_low: str = "auto"
     skip: bool = False
+    workers: str | None = None
+    ram_budget: str | None = None
 
     @classmethod
     def from_args(cls, args) -> "EngineOptions":
-        """From the flags app/engine_flags.py defines."""
+        """From the flags app/engine_flags.py defines (every one: a flag the chat app took
+        but did not pass on, or one this class lacked, would break `moechat` itself)."""
         from moechat.app.engine_flags import engine_kwargs
 
         kw = engine_kwargs(args)
@@ -49,5 +52,6 @@ def open_model(spec: str | None, options: EngineOptions,
     progress(f"loading {card.name} ({options.engine} engine)")
     engine = open_engine(card, options.engine, n_cpu_moe=options.n_cpu_moe, n_ctx=options.ctx,
                          threads=options.threads, force=options.force, vram_budget=options.vram_budget,
-                         hobbit_low=options.hobbit_low, skip=options.skip, ui=True)
+                         hobbit_low=options.hobbit_low, skip=options.skip, workers=options.workers,
+                         ram_budget=options.ram_budget, ui=True)
     return LoadedModel(engine, card.name, card)
