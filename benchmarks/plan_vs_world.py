@@ -24,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moechat.backends.plan import cost_model as cm  # noqa: E402
 from moechat.backends.plan.error_bands import band_of_ratios  # noqa: E402
-from tests.fixtures.world_runs import GROUPS, as_measured, load_runs, plan_inputs  # noqa: E402
+from tests.fixtures.world_runs import (  # noqa: E402
+    GROUPS, LLMFIT_REQUEST_S, as_measured, load_runs, plan_inputs)
+
+CPU_WEIGHTS = "weights in RAM (CPU)"  # the cost model's decode term for weights read by the CPU
 
 
 def predict_run(run) -> cm.Prediction:
@@ -56,6 +59,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--bands", action="store_true", help="print the error bands per placement group")
+    ap.add_argument("--implied", action="store_true",
+                    help="per run with CPU weights (>= 10%% of its token): the CPU weight time its measurement leaves, / the predicted one")
     args = ap.parse_args()
     results = list(rows())
 
@@ -90,7 +95,24 @@ def main() -> int:
             lo, hi = band_of_ratios([1 / r for _, r in group_runs])
             print(f"  {group}: ({lo:.2f}, {hi:.2f}) from {len(group_runs)} runs: "
                   + ",".join(run.id for run, _ in group_runs))
+    if args.implied:
+        print()
+        print("CPU weight time implied by the measurement (measured token time less every other predicted term)"
+              " / predicted:")
+        for run, p, _ in results:
+            cpu_s = p.decode_terms.get(CPU_WEIGHTS, 0.0)
+            if cpu_s > 0.1 / p.decode_tok_s:  # runs whose CPU weights are at least a tenth of the token
+                left = measured_token_s(run) - (1 / p.decode_tok_s - cpu_s)
+                print(f"  {run.id}{' (hold-out)' if run.holdout else ''} {run.machine} {run.model} {run.quant}: "
+                      f"{left / cpu_s:.2f} (predicted {cpu_s * 1e3:.1f} ms)")
     return 0
+
+
+def measured_token_s(run) -> float:
+    """Seconds a decoded token took in the run, its test's fixed part taken out (as_measured inverted)."""
+    if run.decode_test.startswith("llmfit bench") and run.request_tokens:
+        return 1 / run.decode_tok_s - LLMFIT_REQUEST_S / run.request_tokens
+    return 1 / run.decode_tok_s
 
 
 if __name__ == "__main__":
