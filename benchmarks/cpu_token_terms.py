@@ -9,7 +9,7 @@ per-token cost). Each step is timed in *CPU time* of this process (one thread: t
 work, which other sessions' load on this shared machine does not add to; wall time is printed
 beside it), median step of each round, best round. The cost model's terms for the same file
 come from rates measured in this process at 1 thread just before (ggml matvec per type,
-per-op cost); the residual (measured - weights - counted ops - products) is what
+per-op cost); the residual (measured - weights - counted ops) is what
 CPU_TOKEN_OVERHEAD_S + layers x CPU_LAYER_OVERHEAD_S stand for: docs/cost-model.md, 'Constants'.
 """
 
@@ -75,19 +75,20 @@ def main() -> int:
     profile = dataclasses.replace(load_profile(), threads=1, cpu_matvec_gbs=rates, cpu_op_s=op_s)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 1 thread, best of {args.rounds} rounds; "
           f"per-op {op_s * 1e6:.2f} us; matvec " + ", ".join(f"{q} {v:.1f}" for q, v in rates.items()) + " GB/s")
-    print("| model | layers | products/token | weights ms | per-layer ops ms | products ms | measured CPU ms | wall ms "
+    print("| model | layers | expert products/token | weights ms | per-layer ops ms | measured CPU ms | wall ms "
           "| residual ms | model's token + layer overheads ms | predicted ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for p in paths:
         card = read_model_card(p)
         pred = cm.predict(card, profile, cm.Placement("cpu"))
         weights = pred.decode_terms.get("weights in RAM (CPU)", 0.0) + pred.decode_terms.get("KV cache", 0.0)
         ops = (cm.OPS_PER_TOKEN + card.n_layers * cm.OPS_PER_LAYER) * op_s
-        products = pred.decode_terms.get("expert products on the CPU (fixed cost)", 0.0)
-        n_products = round(products / (cm.EXPERT_PRODUCT_OPS * op_s)) if products else 0
+        projections = len({t.name for t in card.tensors if t.is_expert and t.name.endswith(".weight")
+                           and t.layer == (card.expert_layers or (0,))[0]})
+        n_products = len(card.expert_layers) * card.n_experts_used * projections
         cpu, wall = best[p]
-        print(f"| {p.name} | {card.n_layers} | {n_products} | {weights * 1e3:.3f} | {ops * 1e3:.3f} | {products * 1e3:.3f} "
-              f"| {cpu * 1e3:.3f} | {wall * 1e3:.3f} | {(cpu - weights - ops - products) * 1e3:.3f} "
+        print(f"| {p.name} | {card.n_layers} | {n_products} | {weights * 1e3:.3f} | {ops * 1e3:.3f} "
+              f"| {cpu * 1e3:.3f} | {wall * 1e3:.3f} | {(cpu - weights - ops) * 1e3:.3f} "
               f"| {(cm.CPU_TOKEN_OVERHEAD_S + card.n_layers * cm.CPU_LAYER_OVERHEAD_S) * 1e3:.3f} | {1e3 / pred.decode_tok_s:.3f} |")
     return 0
 

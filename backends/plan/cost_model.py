@@ -35,7 +35,6 @@ GPU_TOKEN_OVERHEAD_S = 1.0e-3  # graph build + launch + logits copy (estimate, G
 GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer (estimate)
 HANDOFF_S = 30e-6  # one GPU<->CPU activation hand-off (PCIe latency + sync), estimate
 TORCH_LAYER_OVERHEAD_S = 200e-6  # Python + torch dispatch per layer for the torch engines
-EXPERT_PRODUCT_OPS = 3  # fixed cost of one selected expert's product on the CPU, in ggml ops (least squares on the fit runs)
 CPU_PREFILL_EFFICIENCY = 0.6  # ggml quantized GEMM vs measured float32 BLAS rate (fitted)
 GPU_PREFILL_EFFICIENCY = 0.35  # achieved / peak fp16 matmul at batch 512 (estimate)
 HOBBIT_LOW_BITS = 2.0  # bits of a low-precision expert copy loaded on a miss (paper: INT2/INT4)
@@ -323,30 +322,15 @@ def cpu_layer_overhead_s(profile) -> float:
     return OPS_PER_LAYER * profile.cpu_op_s + CPU_LAYER_OVERHEAD_S
 
 
-def cpu_expert_matvec_s(card, profile, n_layers: int) -> float:
-    """Fixed cost of the expert products of n_layers layers run on the CPU at batch 1: ggml's
-    mul_mat_id runs one small product per selected expert and projection, each split over the
-    threads and ended by a barrier, so every one costs a fixed time besides its bytes. It
-    matters for many small experts (Qwen3-30B-A3B: 8 of 128 experts of 768 x 2048, 3
-    projections, 48 layers = 1152 products per token) and not for Mixtral's 2 large ones.
-    The cost is counted in the machine's measured per-op cost (`cpu_op_s`: dispatch + barrier),
-    EXPERT_PRODUCT_OPS of them per product (docs/cost-model.md, 'Expert products on the CPU')."""
-    first = (card.expert_layers or (0,))[0]
-    projections = len({t.name for t in card.tensors if t.is_expert and t.layer == first and t.name.endswith(".weight")})
-    return n_layers * card.n_experts_used * projections * EXPERT_PRODUCT_OPS * profile.cpu_op_s
-
-
 def _add_overheads(card, profile, placement: Placement, add) -> None:
     L, kind = card.n_layers, placement.kind
     if kind == "cpu":
         add("overheads", CPU_TOKEN_OVERHEAD_S + OPS_PER_TOKEN * profile.cpu_op_s + L * cpu_layer_overhead_s(profile))
-        add("expert products on the CPU (fixed cost)", cpu_expert_matvec_s(card, profile, len(card.expert_layers)))
         return
     add("overheads", GPU_TOKEN_OVERHEAD_S + L * GPU_LAYER_OVERHEAD_S)
     if kind == "moe":  # each CPU-expert layer: CPU ops + two activation hand-offs
         n = min(placement.n, len(card.expert_layers))
         add("overheads", n * (EXPERT_OPS_PER_LAYER * profile.cpu_op_s + 2 * HANDOFF_S))
-        add("expert products on the CPU (fixed cost)", cpu_expert_matvec_s(card, profile, n))
     elif kind == "layers":
         cpu_layers = max(0, L - placement.n)
         add("overheads", cpu_layers * cpu_layer_overhead_s(profile) + (HANDOFF_S if 0 < cpu_layers < L else 0))

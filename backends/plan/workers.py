@@ -99,12 +99,10 @@ def fits(card, profile, workers, split: Split, n_ctx: int) -> bool:
 
 
 def _layer_seconds(card, machine, layer: int) -> float:
-    """Decode seconds of one layer on a CPU machine: its bytes at the matvec rate + op costs
-    (+ the fixed cost of its expert products, as the cost model counts them on a CPU)."""
+    """Decode seconds of one layer on a CPU machine: its bytes at the matvec rate + op costs."""
     read = sum(cm.read_bytes_per_token(card, t) / (cm.cpu_rate_gbs(machine, t.type_name) * 1e9)
                for t in card.tensors if t.layer == layer)
-    experts = cm.cpu_expert_matvec_s(card, machine, 1) if layer in card.expert_layers else 0.0
-    return read + cm.cpu_layer_overhead_s(machine) + experts
+    return read + cm.cpu_layer_overhead_s(machine)
 
 
 def hop_seconds(card, worker: WorkerProfile) -> float:
