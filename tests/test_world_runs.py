@@ -156,3 +156,27 @@ def test_gpt_oss_cards_keep_mxfp4_experts_at_their_exact_size():
             card = run_card(r)
             experts = [t for t in card.tensors if t.is_expert and t.type_name == "MXFP4"]
             assert experts and all(t.n_bytes == math.prod(t.shape) * 17 // 32 for t in experts), r.id
+
+
+def test_k_quant_rows_whose_width_is_not_256_take_the_quantizers_fallback_type():
+    """llama.cpp writes a tensor whose rows are not a multiple of 256 in a 32-block type
+    (DeepSeek-V2-Lite's 1408-wide experts: ffn_down_exps Q5_0, Q8_0 in the _M recipe's
+    more-bits layers); Qwen3-30B-A3B's 768-wide experts stay Q4_K."""
+    by_id = {r.id: r for r in load_runs()}
+    deepseek = run_card(by_id["s03"])
+    down = {t.layer: t.type_name for t in deepseek.tensors if t.name.endswith("ffn_down_exps.weight")}
+    assert set(down.values()) == {"Q5_0", "Q8_0"}
+    assert down[1] == "Q8_0" and down[3] == "Q5_0"  # layer 1 < 27 // 8 gets more bits, layer 3 does not
+    assert all(t.type_name == "Q4_K" for t in deepseek.tensors if t.name.endswith("ffn_gate_exps.weight"))
+    assert all(t.type_name in ("Q4_K", "F32") for t in run_card(by_id["s01"]).tensors)
+
+
+def test_a_runs_kv_cache_type_and_per_head_layout_set_the_cache_bytes():
+    by_id = {r.id: r for r in load_runs()}
+    c02 = by_id["c02"]
+    assert (c02.kv_type, c02.kv_layout) == ("q8_0", "per-head")
+    card = run_card(c02)
+    # DeepSeek-V2-Lite without the MLA split: 16 heads x (192 + 128) values a layer, q8_0
+    assert card.kv_bytes_per_token == int(27 * 16 * (192 + 128) * 8.5 / 8)
+    latent = geometry_card("deepseek-v2-lite", qtype="Q4_K")
+    assert latent.kv_bytes_per_token == 27 * 1 * 576 * 2  # the MLA latent in f16, as moechat runs it

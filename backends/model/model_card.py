@@ -85,6 +85,9 @@ class ModelCard:
     # full-size cache, see kv_bytes_per_token, but attend to - and read - only the window)
     sliding_window: int = 0
     n_swa_layers: int = 0
+    # bits of one cached K/V value: 16 (f16, what moechat's engines allocate); a run with
+    # llama.cpp's `-ctk/-ctv q8_0` caches 8.5 (the published-runs table sets it per run)
+    kv_bits: float = 16.0
 
     # ---- derived ---------------------------------------------------------------------
     @property
@@ -152,12 +155,11 @@ class ModelCard:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """f16 K and V for every layer, as llama.cpp allocates them. MLA caches only the
+        """K and V for every layer at kv_bits (f16 unless set), as llama.cpp allocates them. MLA caches only the
         latent (kv_lora_rank + rope dims, one "head") as K and no V; sliding-window layers
         count in full because llama-cpp-python allocates full-size SWA caches (swa_full)."""
-        if self.is_mla:
-            return self.n_layers * self.n_kv_heads * self.head_dim_k * 2
-        return self.n_layers * self.n_kv_heads * (self.head_dim_k + self.head_dim_v) * 2
+        values = self.head_dim_k if self.is_mla else self.head_dim_k + self.head_dim_v
+        return int(self.n_layers * self.n_kv_heads * values * self.kv_bits / 8)
 
     @property
     def n_sliding_layers(self) -> int:
