@@ -158,3 +158,16 @@ def test_a_gpu_runs_cpu_experts_read_at_the_plain_layouts_rate(rtx4090):
     assert plain.gpu_offload
     on_gpu_build = cm.predict(card, plain, cm.Placement("cpu")).decode_terms["weights in RAM (CPU)"]
     assert on_gpu_build == pytest.approx(cpu_only * 2, rel=0.05)  # experts dominate; dense weights too
+
+
+def test_low_bit_k_quants_use_their_own_measured_rate_else_q4_ks(laptop):
+    """Q2_K/Q3_K kernels are compute-bound at about Q4_K's weights a second, so a profile times
+    them; one measured before that reads them at Q4_K's rate (not Q4_0's)."""
+    import dataclasses
+
+    assert "Q3_K" not in laptop.cpu_matvec_gbs  # a profile from before Q2_K/Q3_K were probed
+    assert laptop.cpu_matvec_gbs["Q4_K"] != laptop.cpu_matvec_gbs["Q4_0"]
+    assert cm.cpu_rate_gbs(laptop, "Q3_K") == min(laptop.cpu_matvec_gbs["Q4_K"], laptop.ram_read_gbs)
+    timed = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "Q2_K": 11.0, "Q3_K": 9.0})
+    assert (cm.cpu_rate_gbs(timed, "Q2_K"), cm.cpu_rate_gbs(timed, "Q3_K")) == (11.0, 9.0)
+    assert cm.cpu_rate_gbs(timed, "Q6_K") == cm.cpu_rate_gbs(laptop, "Q4_K")  # other K-quants: Q4_K's

@@ -18,8 +18,11 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_t
 MIN_STREAM_BYTES = 256 * 1024**2
 MIN_MATVEC_BYTES = 128 * 1024**2
 MATVEC_SHAPE = (14336, 4096)  # one Mixtral-8x7B expert projection: rows x cols
-MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16", "MXFP4")  # MXFP4: gpt-oss's experts (no repacked kernel)
-_QUANT_SIZES = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144), "F16": (1, 2), "MXFP4": (32, 17)}  # block, bytes
+# MXFP4: gpt-oss's experts. Q2_K/Q3_K: their kernels are compute-bound at about Q4_K's weights
+# a second, so at few cores they read fewer bytes a second than Q4_K (issue 20 part C)
+MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16", "MXFP4", "Q2_K", "Q3_K")
+_QUANT_SIZES = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144), "F16": (1, 2), "MXFP4": (32, 17),
+                "Q2_K": (256, 84), "Q3_K": (256, 110)}  # block, bytes
 
 
 def cpu_facts() -> CpuInfo:
