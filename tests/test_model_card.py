@@ -158,13 +158,21 @@ def test_card_derived_bytes(case):
 
 
 def load_llama(path, n_ctx=N_CTX):
-    """Load with llama.cpp, returning the model and its log (hyperparameters, KV size)."""
+    """Load with llama.cpp, returning the model and its log (hyperparameters, KV size). The log
+    goes through moechat's own llama.cpp log hook, echoed to the (captured) stderr: whichever
+    test ran before, llama.cpp's hook is then ours, not llama-cpp-python's."""
     import llama_cpp
+
+    from moechat.backends.engines.llamacpp_log import install_log
 
     log = io.StringIO()
     with contextlib.redirect_stderr(log):
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, n_batch=64, verbose=True,
-                              logits_all=True)  # fmt: skip
+        install_log(echo=True)
+        try:
+            llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=2, n_batch=64, verbose=True,
+                                  logits_all=True)  # fmt: skip
+        finally:
+            install_log(echo=False)
     return llm, log.getvalue()
 
 
