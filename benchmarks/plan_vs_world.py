@@ -1,6 +1,6 @@
 """The planner against the world: predicted vs published decode speed on machines we do not have.
 
-    .venv/bin/python benchmarks/plan_vs_world.py [--markdown] [--bands]
+    .venv/bin/python benchmarks/plan_vs_world.py [--markdown] [--bands] [--implied]
 
 For every run in tests/fixtures/external_runs/runs.csv (published llama.cpp measurements,
 each with its URL and date), the cost model predicts exactly that run's placement on that
