@@ -60,7 +60,8 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--bands", action="store_true", help="print the error bands per placement group")
     ap.add_argument("--implied", action="store_true",
-                    help="per run with CPU weights (>= 10%% of its token): the CPU weight time its measurement leaves, / the predicted one")
+                    help="per run with CPU weights (>= 10%% of its token): the CPU weight time its "
+                         "measurement leaves, / the predicted one")
     args = ap.parse_args()
     results = list(rows())
 

@@ -172,7 +172,8 @@ def cpu_rate_gbs(profile, type_name: str, gpu_build: bool = False) -> float:
     family = RATE_FAMILY.get(type_name, "Q4_K")
     # MXFP4 (gpt-oss's experts), Q2_K and Q3_K have their own kernels, measured by `moechat
     # profile` since issue 20; profiles without them fall back to Q4_0's (MXFP4) or Q4_K's rate
-    rate = rates.get(family) or rates.get(FAMILY_FALLBACK.get(family, "Q4_0")) or rates.get("Q4_0") or profile.ram_read_gbs
+    rate = (rates.get(family) or rates.get(FAMILY_FALLBACK.get(family, "Q4_0")) or rates.get("Q4_0")
+            or profile.ram_read_gbs)
     if gpu_build:
         rate = rates.get(f"{family}{PLAIN}") or rate
     return min(rate, profile.ram_read_gbs) if profile.ram_read_gbs else rate
