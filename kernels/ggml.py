@@ -82,6 +82,7 @@ _SIGNATURES = {
     "ggml_backend_buffer_set_usage": (None, [_p, ctypes.c_int]),
     "ggml_backend_tensor_set": (None, [_p, _p, _size, _size]),
     "ggml_cpu_has_avx2": (ctypes.c_int, []),
+    "ggml_cpu_has_avx512": (ctypes.c_int, []),
     # C++ symbol (ggml-cpu's repack buffer type: weights stored in interleaved layouts that
     # ggml's faster GEMV/GEMM kernels read)
     "_Z35ggml_backend_cpu_repack_buffer_typev": (_p, []),
@@ -159,7 +160,9 @@ def check_weight(w: QuantWeight) -> None:
 GGML_TYPE_Q4_0 = 2
 GGML_TYPE_Q4_K = 12
 GGML_TYPE_MXFP4 = 39
-REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_MXFP4)
+GGML_TYPE_Q2_K = 10
+REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_MXFP4, GGML_TYPE_Q2_K)
+REPACK_NEEDS_AVX512 = (GGML_TYPE_Q2_K,)  # Q2_K's 8x8 layout is ggml's AVX-512 path only
 RUNTIME_REPACK_TYPES = (GGML_TYPE_Q4_0, GGML_TYPE_MXFP4)  # what the runtime repacks at load
 REPACK_ROW_MULTIPLE = 8
 BUFFER_USAGE_WEIGHTS = 1
@@ -224,14 +227,15 @@ class quiet_ggml_log:
 
 def can_repack(w: QuantWeight, types: tuple[int, ...] = RUNTIME_REPACK_TYPES) -> bool:
     """Whether ggml's repack buffer takes this weight. Kept to cases whose rule is known
-    (ggml_repack_get_optimal_repack_type on AVX2: Q4_0, Q4_K and MXFP4 -> 8x8, rows a
-    multiple of 8); any other would reach a null layout inside ggml and crash. The runtime
-    repacks Q4_0 and MXFP4 (their 3-D expert paths are tested); the profiler measures Q4_0
-    and Q4_K, as llama.cpp loads them repacked."""
-    return (
-        w.ggml_type in types and w.ggml_type in REPACK_TYPES and w.shape[1] % 8 == 0
-        and bool(lib().ggml_cpu_has_avx2())
-    )
+    (ggml_repack_get_optimal_repack_type on x86: Q4_0, Q4_K and MXFP4 -> 8x8 with AVX2, Q2_K
+    -> 8x8 with AVX-512, rows a multiple of 8); any other would reach a null layout inside
+    ggml and crash. The runtime repacks Q4_0 and MXFP4 (their 3-D expert paths are tested);
+    the profiler measures Q4_0, Q4_K, MXFP4 and Q2_K, as llama.cpp loads them repacked."""
+    if w.ggml_type not in types or w.ggml_type not in REPACK_TYPES or w.shape[1] % 8:
+        return False
+    if w.ggml_type in REPACK_NEEDS_AVX512:
+        return bool(lib().ggml_cpu_has_avx512())
+    return bool(lib().ggml_cpu_has_avx2())
 
 
 def maybe_repack(w: QuantWeight, types: tuple[int, ...] = RUNTIME_REPACK_TYPES) -> QuantWeight | PackedWeight:

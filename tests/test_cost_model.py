@@ -170,4 +170,4 @@ def test_low_bit_k_quants_use_their_own_measured_rate_else_q4_ks(laptop):
     assert cm.cpu_rate_gbs(laptop, "Q3_K") == min(laptop.cpu_matvec_gbs["Q4_K"], laptop.ram_read_gbs)
     timed = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "Q2_K": 11.0, "Q3_K": 9.0})
     assert (cm.cpu_rate_gbs(timed, "Q2_K"), cm.cpu_rate_gbs(timed, "Q3_K")) == (11.0, 9.0)
-    assert cm.cpu_rate_gbs(timed, "Q6_K") == cm.cpu_rate_gbs(laptop, "Q4_K")  # other K-quants: Q4_K's
+    assert cm.cpu_rate_gbs(timed, "Q6_K") == cm.cpu_rate_gbs(laptop, "Q4_K")  # a K-quant not timed: Q4_K's

@@ -79,9 +79,12 @@ def test_repacked_matvec_matches_dequantized_weights_and_op_cost_is_measured():
     backend = ggml.CpuBackend(2)
     x = np.random.default_rng(1).standard_normal(512).astype(np.float32)
     try:
-        for qtype in ("Q4_0", "Q4_K"):
+        for qtype in ("Q4_0", "Q4_K", "Q2_K"):
             w, dense = ggml_ops.random_quant_weight(qtype, 64, 512)
             if not ggml.can_repack(w, ggml.REPACK_TYPES):
+                if qtype == "Q2_K":  # its repacked layout is ggml's AVX-512 path only
+                    assert not ggml.lib().ggml_cpu_has_avx512()
+                    continue
                 pytest.skip("this CPU/build does not repack")
             matvec = ggml_ops.QuantLinear(ggml.maybe_repack(w, ggml.REPACK_TYPES), backend)
             try:

@@ -18,11 +18,12 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_t
 MIN_STREAM_BYTES = 256 * 1024**2
 MIN_MATVEC_BYTES = 128 * 1024**2
 MATVEC_SHAPE = (14336, 4096)  # one Mixtral-8x7B expert projection: rows x cols
-# MXFP4: gpt-oss's experts. Q2_K/Q3_K: their kernels are compute-bound at about Q4_K's weights
-# a second, so at few cores they read fewer bytes a second than Q4_K (issue 20 part C)
-MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16", "MXFP4", "Q2_K", "Q3_K")
+# MXFP4: gpt-oss's experts. The other K-quants: their kernels run at their own weights a second
+# (Q2_K about Q4_K's, Q3_K and Q5_K two thirds of it), so at few cores they read other bytes a
+# second than Q4_K (issue 20 part C)
+MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16", "MXFP4", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
 _QUANT_SIZES = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144), "F16": (1, 2), "MXFP4": (32, 17),
-                "Q2_K": (256, 84), "Q3_K": (256, 110)}  # block, bytes
+                "Q2_K": (256, 84), "Q3_K": (256, 110), "Q5_K": (256, 176), "Q6_K": (256, 210)}  # block, bytes
 
 
 def cpu_facts() -> CpuInfo:
