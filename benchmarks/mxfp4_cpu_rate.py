@@ -20,9 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TYPES = {"Q4_0": (32, 18), "Q4_K": (256, 144), "Q8_0": (32, 34), "MXFP4": (32, 17)}  # block, bytes
-MORE_TYPES = {"Q2_K": (256, 84), "Q3_K": (256, 110), "Q5_K": (256, 176), "Q6_K": (256, 210)}
-BITS = {q: 8 * size / block for q, (block, size) in {**TYPES, **MORE_TYPES}.items()}
+TYPES = ("Q4_0", "Q4_K", "Q8_0", "MXFP4")  # the default; --types picks from the profile's probe
 
 
 def main() -> int:
@@ -30,21 +28,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mib", type=int, help="weight size (default: 4 x the last-level cache)")
-    ap.add_argument("--types", help=f"comma-separated, from {', '.join({**TYPES, **MORE_TYPES})} (default: {','.join(TYPES)})")
+    ap.add_argument("--types", help=f"comma-separated, from the profile's probe types (default: {','.join(TYPES)})")
     args = ap.parse_args()
-    types = {**TYPES, **MORE_TYPES}
-    chosen = args.types.split(",") if args.types else list(TYPES)
-    unknown = [q for q in chosen if q not in types]
-    if unknown:
-        print(f"error: unknown type(s) {', '.join(unknown)} (choose from {', '.join(types)})", file=sys.stderr)
-        return 2
-    chosen = {q: types[q] for q in chosen}
 
     from moechat.backends.plan import cpu_probes
     from moechat.kernels import ggml
 
-    cpu_probes.MATVEC_QTYPES = tuple(chosen)  # this script's own run of the profile's probe
-    cpu_probes._QUANT_SIZES.update(chosen)
+    chosen = tuple(args.types.split(",")) if args.types else TYPES
+    unknown = [q for q in chosen if q not in cpu_probes.MATVEC_QTYPES]
+    if unknown:
+        print(f"error: unknown type(s) {', '.join(unknown)} (choose from {', '.join(cpu_probes.MATVEC_QTYPES)})",
+              file=sys.stderr)
+        return 2
+    cpu_probes.MATVEC_QTYPES = chosen  # this script's own run of the profile's probe
     target = (args.mib << 20) if args.mib else cpu_probes._stream_bytes(cpu_probes.cpu_facts().llc_bytes)
     best: dict[str, float] = {}
     for r in range(args.rounds):
@@ -55,7 +51,8 @@ def main() -> int:
     print(f"| type | best GB/s at {args.threads} thread(s) | per thread | G weights/s | vs {ref} (bytes/s) |")
     print("| --- | --- | --- | --- | --- |")
     for q, v in best.items():
-        bits = BITS[q.split(":")[0]]
+        block, block_bytes = cpu_probes.quant_block(q.removesuffix(cpu_probes.PLAIN))
+        bits = 8 * block_bytes / block
         print(f"| {q} | {v:.2f} | {v / args.threads:.2f} | {v * 8 / bits:.1f} | {v / best[ref]:.2f} |")
     return 0
 

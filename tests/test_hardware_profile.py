@@ -63,7 +63,7 @@ def test_ggml_matvec_rate_covers_every_type(monkeypatch):
     from moechat.kernels import ggml
 
     def weight(q):  # 8 rows of 4096 columns: only the type and shape matter here
-        block, block_bytes = cpu_probes._QUANT_SIZES[q]
+        block, block_bytes = cpu_probes.quant_block(q)
         data = ggml.aligned_empty(8 * 4096 // block * block_bytes)
         return ggml.QuantWeight(data, ggml.ggml_type_id(q), (4096, 8))
 

@@ -22,8 +22,13 @@ MATVEC_SHAPE = (14336, 4096)  # one Mixtral-8x7B expert projection: rows x cols
 # (Q2_K about Q4_K's, Q3_K and Q5_K two thirds of it), so at few cores they read other bytes a
 # second than Q4_K (issue 20 part C)
 MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16", "MXFP4", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
-_QUANT_SIZES = {"Q4_0": (32, 18), "Q8_0": (32, 34), "Q4_K": (256, 144), "F16": (1, 2), "MXFP4": (32, 17),
-                "Q2_K": (256, 84), "Q3_K": (256, 110), "Q5_K": (256, 176), "Q6_K": (256, 210)}  # block, bytes
+
+
+def quant_block(type_name: str) -> tuple[int, int]:
+    """(weights, bytes) of one block of a ggml type, from gguf's table."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
 
 
 def cpu_facts() -> CpuInfo:
@@ -185,7 +190,7 @@ def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float,
     rates = {}
     try:
         for q in MATVEC_QTYPES:
-            block, block_bytes = _QUANT_SIZES[q]
+            block, block_bytes = quant_block(q)
             row_bytes = cols // block * block_bytes
             rows = target // row_bytes // ggml.REPACK_ROW_MULTIPLE * ggml.REPACK_ROW_MULTIPLE
             weight = ggml.QuantWeight(buf[: rows * row_bytes], ggml.ggml_type_id(q), (cols, rows))
