@@ -124,3 +124,16 @@ def test_serve_with_a_missing_model_is_one_line(tmp_path):
                                                 ("--vram-budget", "200%", ("--vram-budget", "0–100%"))])
 def test_a_bad_budget_is_refused_before_anything_loads(flag, value, words):
     assert_one_line_error(run_moechat("ask", flag, value, QUESTION), *words)
+
+
+def test_a_profile_with_a_rate_that_is_not_a_number_is_one_line(tmp_path, demo_model):
+    import json
+    from pathlib import Path
+
+    profiles = Path(__file__).parent / "fixtures" / "external_runs" / "profiles"
+    good = json.loads((profiles / "7600k-gtx1060-ddr4-3000.json").read_text())
+    good["cpu_matvec_gbs"]["Q2_K"] = "fast"
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps(good))
+    assert_one_line_error(run_moechat("plan", "--profile", str(bad), str(demo_model)),
+                          "not a moechat hardware profile", "Q2_K")

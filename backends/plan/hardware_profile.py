@@ -124,7 +124,12 @@ def read_profile(path: str | os.PathLike) -> HardwareProfile:
     from moechat.backends.errors import MoechatError
 
     try:
-        return HardwareProfile.from_dict(json.loads(Path(path).read_text()))
+        profile = HardwareProfile.from_dict(json.loads(Path(path).read_text()))
+        rates = {"ram_read_gbs": profile.ram_read_gbs, **(profile.cpu_matvec_gbs or {})}
+        bad = [k for k, v in rates.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
+        if bad:
+            raise ValueError(f"not a rate in GB/s: {', '.join(bad)}")
+        return profile
     except FileNotFoundError:
         raise MoechatError(f"{path}: no such profile file") from None
     except (OSError, ValueError, TypeError, KeyError) as err:
