@@ -63,3 +63,21 @@ def test_harmony_template_renders_in_the_sandbox():
     )
     with pytest.raises(MoechatError, match="unexpected role tool"):
         render_chat(template, [{"role": "tool", "content": "x"}])
+
+
+def test_a_template_is_compiled_once_and_rendered_fresh_each_time():
+    """The compiled template is kept; what it renders is not (messages, the date)."""
+    from moechat.backends.engines.chat_template import compiled
+
+    compiled.cache_clear()
+    template = "{% for m in messages %}<{{ m.role }}:{{ m.content }}>{% endfor %}"
+    assert render_chat(template, MESSAGES) == "<user:hi>"
+    assert render_chat(template, [{"role": "user", "content": "bye"}]) == "<user:bye>"
+    info = compiled.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+def test_a_template_that_does_not_compile_fails_every_time():
+    for _ in range(2):
+        with pytest.raises(MoechatError, match="chat template failed"):
+            render_chat("{% if %}", MESSAGES)
