@@ -188,3 +188,22 @@ def test_ask_continue_from_a_new_process_restores_the_conversation(demo_model_q8
     assert second["conversation_id"] == first["conversation_id"]
     assert second["stats"]["prompt_tokens_restored"] >= first["prompt_tokens"]
     assert second["stats"]["prompt_tokens_evaluated"] < 20
+
+
+@pytest.mark.parametrize("arch", ["gpt-oss", "deepseek2"])
+def test_the_torch_engine_resumes_sliding_window_and_latent_caches(arch, tmp_path, monkeypatch):
+    """gpt-oss's sliding-window rings and DeepSeek's MLA latent cache are saved and restored
+    too: the second turn restores the first and decodes what a full evaluation decodes."""
+    from tests.fixtures.tiny_models import tiny_model_path
+
+    path = tiny_model_path(arch, "F32")
+    text, _, first = once(torch_engine, path, PARIS)
+    assert first.stats["kv_state"] and len(state_files(tmp_path)) == 1
+    turn2 = second_turn(text)
+    _, resumed, last = once(torch_engine, path, turn2)
+    assert last.stats["prompt_tokens_restored"] >= first.prompt_tokens
+    monkeypatch.setenv("MOECHAT_KV_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("MOECHAT_KV_CACHE_SIZE", "0")
+    _, full, ref = once(torch_engine, path, turn2)
+    assert ref.stats["prompt_tokens_restored"] == 0
+    assert resumed == full

@@ -87,7 +87,7 @@ class TorchEngine:
 
     def _restore(self, tokens: list[int], live: int) -> int:
         """Restore the best saved state for this prompt -> tokens restored (0: none)."""
-        if not getattr(self.cache, "savable", False):  # MLA's latent and sliding-window caches: not yet
+        if not getattr(self.cache, "savable", False):
             return 0
         picked = self.kv_states.pick(tokens, live)
         if picked is None:
@@ -97,7 +97,12 @@ class TorchEngine:
         if not self.cache.load(payload, len(candidate.tokens)):
             self.kv_states.reject(candidate, "its tensors do not fit this model's KV cache")
             return 0
-        self.cache.truncate(keep)
+        # a sliding-window ring keeps only the window before its end: stepping back further
+        # than its slack leaves nothing usable (truncate says 0), and the prompt is evaluated
+        keep = self.cache.truncate(keep)
+        if keep == 0:
+            self.evaluated = []
+            return 0
         self.evaluated = list(tokens[:keep])
         self.kv_states.restored(candidate, keep)
         return keep

@@ -40,10 +40,14 @@ class KVCache:
         return self.length
 
     # ---- saved states (backends/engines/kv_states.py) -------------------------------------
+    def buffers(self) -> list[torch.Tensor]:
+        """The [L, Hkv, S_max, D] buffers a saved state holds: keys, then values if kept apart."""
+        return [b for b in (self.k, self.v) if b is not None]
+
     def export(self, n_tokens: int) -> bytearray:
-        """Keys then values of positions 0..n_tokens-1, as raw bytes ([L, Hkv, n, Dh] each)."""
+        """Positions 0..n_tokens-1 of each buffer, as raw bytes ([L, Hkv, n, D] each, in turn)."""
         out = bytearray()
-        for buffer in (self.k, self.v):
+        for buffer in self.buffers():
             part = buffer[:, :, :n_tokens].contiguous().cpu()
             out += part.view(torch.uint8).numpy().tobytes()
         return out
@@ -51,13 +55,14 @@ class KVCache:
     def load(self, payload: bytearray, n_tokens: int) -> bool:
         """Fill positions 0..n_tokens-1 from `export`'s bytes; False (cache untouched) if the
         bytes do not have this cache's shape."""
-        layers, heads, _, head_dim = self.k.shape
-        half = layers * heads * n_tokens * head_dim * self.k.element_size()
-        if n_tokens > self.max_tokens or len(payload) != 2 * half:
+        sizes = [b.shape[0] * b.shape[1] * n_tokens * b.shape[3] * b.element_size() for b in self.buffers()]
+        if n_tokens > self.max_tokens or n_tokens < 1 or len(payload) != sum(sizes):
             return False
-        raw = torch.frombuffer(payload, dtype=torch.uint8)
-        for i, buffer in enumerate((self.k, self.v)):
-            part = raw[i * half:(i + 1) * half].view(buffer.dtype).view(layers, heads, n_tokens, head_dim)
+        raw, at = torch.frombuffer(payload, dtype=torch.uint8), 0
+        for buffer, size in zip(self.buffers(), sizes):
+            layers, heads, _, dim = buffer.shape
+            part = raw[at:at + size].view(buffer.dtype).view(layers, heads, n_tokens, dim)
             buffer[:, :, :n_tokens] = part.to(buffer.device)
+            at += size
         self.length = n_tokens
         return True

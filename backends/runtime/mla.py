@@ -26,10 +26,8 @@ class LatentCache(KVCache):
     R + Dr, and V is a view of its first R columns (value_dim=R, separate_values=False).
     Older deepseek2 files (unsplit attn_kv_b) attend as plain multi-head attention with K and
     V of different widths: then V has its own [L, Hkv, S_max, Dv] buffer, as in llama.cpp.
-    KVCache's interface (advance / truncate / length are its own); not saved for instant
-    resume yet (`savable`)."""
-
-    savable = False
+    KVCache's interface (advance / truncate / length are its own), and its saved states:
+    `buffers` holds the keys alone when V is their view."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, key_dim: int, value_dim: int, max_tokens: int,
                  dtype: torch.dtype = torch.float16, device="cpu", separate_values: bool = False):

@@ -11,9 +11,15 @@ written (a prefill longer than the ring would otherwise overwrite keys its own e
 queries still need). Truncating (reusing a conversation's prefix) works as long as the ring
 still holds the window before the new end; otherwise `truncate` keeps nothing and says so,
 and the engine re-evaluates the prompt — what llama.cpp does with its SWA cache too.
+
+Saved states (instant resume, backends/engines/kv_states.py) hold a full layer's first n
+positions and a sliding layer's whole ring (its slots are positions mod size), after the
+first position the rings still hold.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 
@@ -23,6 +29,8 @@ SLACK = SWA_CACHE_SLACK  # extra ring slots: room to step back (prefix reuse) wi
 
 
 class SlidingKVCache:
+    savable = True  # export/load below
+
     def __init__(self, windows: list[int], n_kv_heads: int, head_dim: int, max_tokens: int,
                  dtype: torch.dtype = torch.float16, device="cpu"):
         """windows[l]: layer l's sliding window in tokens, 0 for full attention."""
@@ -74,10 +82,45 @@ class SlidingKVCache:
         """Forget positions >= length; returns how many positions stay usable (0 when a
         sliding ring no longer holds the window before `length`)."""
         length = min(self.length, length)
-        lowest_needed = min((length - w + 1 for w in self.windows if w), default=0)
+        lowest_needed = min((max(0, length - w + 1) for w in self.windows if w), default=0)
         if length and lowest_needed < self.oldest:
             length = 0
         if length == 0:
             self.oldest = 0
         self.length = length
         return length
+
+    # ---- saved states -----------------------------------------------------------------------
+    def _saved(self, n_tokens: int) -> list[tuple[torch.Tensor, int]]:
+        """(buffer, positions saved) per buffer: a plain buffer's first n, a ring whole."""
+        out = []
+        for layer, size in enumerate(self.sizes):
+            keep = size if self.windows[layer] and size < self.max_tokens else n_tokens
+            out += [(self.k[layer], keep), (self.v[layer], keep)]
+        return out
+
+    def export(self, n_tokens: int) -> bytearray:
+        """The first position the rings hold (8 bytes), then each layer's K and V
+        ([Hkv, n or ring size, Dh] each)."""
+        out = bytearray(struct.pack("<q", self.oldest))
+        for buffer, keep in self._saved(n_tokens):
+            out += buffer[:, :keep].contiguous().cpu().view(torch.uint8).numpy().tobytes()
+        return out
+
+    def load(self, payload: bytearray, n_tokens: int) -> bool:
+        """Fill the cache from `export`'s bytes for n_tokens positions; False (cache
+        untouched) if the bytes do not have this cache's shape."""
+        saved = self._saved(n_tokens)
+        sizes = [b.shape[0] * keep * b.shape[2] * b.element_size() for b, keep in saved]
+        if not 0 < n_tokens <= self.max_tokens or len(payload) != 8 + sum(sizes):
+            return False
+        (oldest,) = struct.unpack_from("<q", payload)
+        if not 0 <= oldest < n_tokens:
+            return False
+        raw, at = torch.frombuffer(payload, dtype=torch.uint8, offset=8), 0
+        for (buffer, keep), size in zip(saved, sizes):
+            part = raw[at:at + size].view(buffer.dtype).view(buffer.shape[0], keep, buffer.shape[2])
+            buffer[:, :keep] = part.to(buffer.device)
+            at += size
+        self.length, self.oldest = n_tokens, oldest
+        return True
