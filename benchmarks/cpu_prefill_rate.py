@@ -1,0 +1,109 @@
+"""CPU prefill: llama.cpp's measured prompt rate against the cost model's prediction, and
+against what a per-type GEMM rate would predict (the follow-up issue 20 left open).
+
+    .venv/bin/python benchmarks/cpu_prefill_rate.py [--models demo,qwen3-30b-a3b:4:Q4_0] [--rounds 3] [--threads 2]
+
+First ggml's quantized mul_mat at a 512-token batch (llama.cpp's micro-batch) through
+kernels/ggml.py, per type, in the layout a CPU-only run loads (repacked where ggml repacks),
+on a 4096-wide, 1024-row weight: GFLOPS. Then per model (plan_accuracy.py's models: the demo
+or a random-weight file of real geometry): the cost model's CPU prefill prediction now
+(flops / (0.6 x numpy float32 GEMM) + one weight read per micro-batch), the same with each
+tensor's flops at its type's GEMM rate, and llama.cpp's prefill of a 512-token prompt
+(`n_batch = n_ubatch = 512`, best of rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+N_TOKENS, COLS, ROWS = 512, 4096, 1024
+
+
+def gemm_gflops(threads: int, seconds: float = 0.5) -> dict[str, float]:
+    import numpy as np
+
+    from moechat.backends.plan import cpu_probes
+    from moechat.kernels import ggml, ggml_ops
+
+    backend = ggml.CpuBackend(threads)
+    x = np.random.default_rng(1).standard_normal((N_TOKENS, COLS)).astype(np.float32)
+    rates = {}
+    try:
+        for q in cpu_probes.MATVEC_QTYPES:
+            block, block_bytes = cpu_probes.quant_block(q)
+            nbytes = ROWS * COLS // block * block_bytes
+            buf = ggml.aligned_empty(nbytes)
+            buf[:] = np.frombuffer(np.random.default_rng(0).bytes(nbytes), np.uint8)
+            halves = buf.view(np.uint16)  # valid scales and finite F16 (see cpu_probes._ggml_matvec_gbs)
+            halves &= 0x3FFF
+            halves |= 0x1000
+            weight = ggml.maybe_repack(ggml.QuantWeight(buf, ggml.ggml_type_id(q), (COLS, ROWS)), ggml.REPACK_TYPES)
+            linear = ggml_ops.QuantLinear(weight, backend)
+            try:
+                t = cpu_probes._best_time(lambda: linear(x), seconds, 3)
+            finally:
+                linear.close()
+            rates[q] = 2 * N_TOKENS * COLS * ROWS / t / 1e9
+    finally:
+        backend.close()
+    return rates
+
+
+def flops_by_type(card) -> dict[str, float]:
+    """Multiply-adds per token by tensor type (cost_model.params_per_token, split by type)."""
+    out: dict[str, float] = {}
+    for t in card.tensors:
+        if t.name == "token_embd.weight" and card.tensor("output.weight") is not None:
+            continue
+        n = 1
+        for d in t.shape:
+            n *= d
+        out[t.type_name] = out.get(t.type_name, 0.0) + (n * card.n_experts_used / card.n_experts if t.is_expert else n)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="demo,qwen3-30b-a3b:4:Q4_0")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import llama_cpp
+
+    from benchmarks.plan_accuracy import model_path
+    from moechat.backends.engines.llamacpp_timing import time_llama
+    from moechat.backends.model.model_card import read_model_card
+    from moechat.backends.plan import cost_model as cm
+    from moechat.backends.plan.hardware_profile import load_profile
+
+    profile = load_profile()
+    rates = gemm_gflops(args.threads)
+    print(f"ggml mul_mat at {N_TOKENS} tokens, {args.threads} threads, GFLOPS: "
+          + ", ".join(f"{q} {r:.0f}" for q, r in rates.items())
+          + f"; the profile's numpy float32 GEMM: {profile.cpu_gflops:.0f} (x {cm.CPU_PREFILL_EFFICIENCY} in the model)")
+    print("| model | predicted now | with per-type GEMM rates | measured (best of rounds) | now / measured | GEMM / measured |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for spec in args.models.split(","):
+        card = read_model_card(model_path(spec))
+        now = cm.predict(card, profile, cm.Placement("cpu")).prefill_tok_s
+        compute = sum(2 * n / (rates.get(cm.RATE_FAMILY.get(ty, "Q4_K"), rates["Q4_K"]) * 1e9)
+                      for ty, n in flops_by_type(card).items())
+        stream = card.tensor_bytes / (profile.ram_read_gbs * 1e9) / cm.N_UBATCH
+        gemm = 1 / (compute + stream)
+        llm = llama_cpp.Llama(model_path=str(card.path), n_ctx=2 * N_TOKENS, n_batch=N_TOKENS, n_ubatch=N_TOKENS,
+                              n_threads=args.threads, verbose=False)
+        try:
+            measured = max(time_llama(llm, N_TOKENS, 2)[0] for _ in range(args.rounds))
+        finally:
+            llm.close()
+        print(f"| {spec} | {now:.1f} | {gemm:.1f} | {measured:.1f} | {now / measured:.2f} | {gemm / measured:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
