@@ -1,7 +1,7 @@
 """CPU prefill: llama.cpp's measured prompt rate against the cost model's prediction, and
 against what a per-type GEMM rate would predict (the follow-up issue 20 left open).
 
-    .venv/bin/python benchmarks/cpu_prefill_rate.py [--models demo,qwen3-30b-a3b:4:Q4_0] [--rounds 3] [--threads 2]
+    .venv/bin/python benchmarks/cpu_prefill_rate.py [--models demo,qwen3-30b-a3b:4:Q4_0] [--rounds 3] [--threads 2] [--shapes]
 
 First ggml's quantized mul_mat at a 512-token batch (llama.cpp's micro-batch) through
 kernels/ggml.py, per type, in the layout a CPU-only run loads (repacked where ggml repacks),
@@ -9,7 +9,8 @@ on a 4096-wide, 1024-row weight: GFLOPS. Then per model (plan_accuracy.py's mode
 or a random-weight file of real geometry): the cost model's CPU prefill prediction now
 (flops / (0.6 x numpy float32 GEMM) + one weight read per micro-batch), the same with each
 tensor's flops at its type's GEMM rate, and llama.cpp's prefill of a 512-token prompt
-(`n_batch = n_ubatch = 512`, best of rounds).
+(`n_batch = n_ubatch = 512`, best of rounds). `--shapes` also times each model's own
+distinct (type, shape) weights at the tokens a call sees (an expert: 512 x used / experts).
 """
 
 from __future__ import annotations
@@ -23,34 +24,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 N_TOKENS, COLS, ROWS = 512, 4096, 1024
 
 
-def gemm_gflops(threads: int, seconds: float = 0.5) -> dict[str, float]:
+def gemm_gflops(threads: int, cases: list[tuple[str, int, int, int]], seconds: float = 0.5) -> list[float]:
+    """GFLOPS of ggml's mul_mat for each (type, cols, rows, tokens), in a CPU-only run's layout."""
     import numpy as np
 
     from moechat.backends.plan import cpu_probes
     from moechat.kernels import ggml, ggml_ops
 
     backend = ggml.CpuBackend(threads)
-    x = np.random.default_rng(1).standard_normal((N_TOKENS, COLS)).astype(np.float32)
-    rates = {}
+    rates = []
     try:
-        for q in cpu_probes.MATVEC_QTYPES:
+        for q, cols, rows, tokens in cases:
             block, block_bytes = cpu_probes.quant_block(q)
-            nbytes = ROWS * COLS // block * block_bytes
+            nbytes = rows * cols // block * block_bytes
             buf = ggml.aligned_empty(nbytes)
             buf[:] = np.frombuffer(np.random.default_rng(0).bytes(nbytes), np.uint8)
             halves = buf.view(np.uint16)  # valid scales and finite F16 (see cpu_probes._ggml_matvec_gbs)
             halves &= 0x3FFF
             halves |= 0x1000
-            weight = ggml.maybe_repack(ggml.QuantWeight(buf, ggml.ggml_type_id(q), (COLS, ROWS)), ggml.REPACK_TYPES)
+            weight = ggml.maybe_repack(ggml.QuantWeight(buf, ggml.ggml_type_id(q), (cols, rows)), ggml.REPACK_TYPES)
             linear = ggml_ops.QuantLinear(weight, backend)
+            x = np.random.default_rng(1).standard_normal((tokens, cols)).astype(np.float32)
             try:
                 t = cpu_probes._best_time(lambda: linear(x), seconds, 3)
             finally:
                 linear.close()
-            rates[q] = 2 * N_TOKENS * COLS * ROWS / t / 1e9
+            rates.append(2 * tokens * cols * rows / t / 1e9)
     finally:
         backend.close()
     return rates
+
+
+def own_shapes(card) -> list[tuple[str, int, int, int]]:
+    """The model's distinct 2-D matmul weights (type, cols, rows) at the tokens one call sees."""
+    seen = {}
+    for t in card.tensors:
+        if len(t.shape) < 2 or t.name == "token_embd.weight" or t.type_name == "F32":
+            continue
+        tokens = max(1, N_TOKENS * card.n_experts_used // card.n_experts) if t.is_expert else N_TOKENS
+        seen.setdefault((t.type_name, t.shape[0], t.shape[1], tokens), t.name)
+    return list(seen)
 
 
 def flops_by_type(card) -> dict[str, float]:
@@ -71,6 +84,7 @@ def main() -> int:
     ap.add_argument("--models", default="demo,qwen3-30b-a3b:4:Q4_0")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", action="store_true", help="also time each model's own weight shapes")
     args = ap.parse_args()
 
     import llama_cpp
@@ -82,7 +96,10 @@ def main() -> int:
     from moechat.backends.plan.hardware_profile import load_profile
 
     profile = load_profile()
-    rates = gemm_gflops(args.threads)
+    from moechat.backends.plan import cpu_probes
+
+    types = cpu_probes.MATVEC_QTYPES
+    rates = dict(zip(types, gemm_gflops(args.threads, [(q, COLS, ROWS, N_TOKENS) for q in types])))
     print(f"ggml mul_mat at {N_TOKENS} tokens, {args.threads} threads, GFLOPS: "
           + ", ".join(f"{q} {r:.0f}" for q, r in rates.items())
           + f"; the profile's numpy float32 GEMM: {profile.cpu_gflops:.0f} (x {cm.CPU_PREFILL_EFFICIENCY} in the model)")
@@ -102,6 +119,10 @@ def main() -> int:
         finally:
             llm.close()
         print(f"| {spec} | {now:.1f} | {gemm:.1f} | {measured:.1f} | {now / measured:.2f} | {gemm / measured:.2f} |")
+        if args.shapes:
+            cases = own_shapes(card)
+            print("    its own shapes (type cols x rows @ tokens: GFLOPS): " + "; ".join(
+                f"{q} {c}x{r} @ {n}: {g:.0f}" for (q, c, r, n), g in zip(cases, gemm_gflops(args.threads, cases))))
     return 0
 
 
