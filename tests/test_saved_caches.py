@@ -98,3 +98,14 @@ def test_a_conversation_shorter_than_the_window_keeps_its_prefix():
     b = sliding()
     fill(b, 5, 5, 2, 4, 4)
     assert next_step_equal(a, b, 4)
+
+
+def test_a_state_too_far_past_the_prompt_is_not_restorable():
+    """Checked before loading: a ring that no longer holds the window before `keep` cannot
+    serve that prompt, so the engine keeps its live cache instead of loading it."""
+    a = sliding()
+    fill(a, 290, 16, 2, 4, 4)
+    payload = a.export(290)
+    b = sliding()
+    assert b.restorable(payload, 285) and not b.restorable(payload, 10)
+    assert LatentCache(1, 1, 4, 2, 16).restorable(b"", 3)  # full caches can always be cut back

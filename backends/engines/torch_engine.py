@@ -94,15 +94,14 @@ class TorchEngine:
             return 0
         candidate, payload = picked
         keep = min(candidate.common, len(tokens) - 1)
+        # a sliding-window ring keeps only the window before its end: a state saved too far
+        # past `keep` cannot serve it (and must not replace the live cache)
+        if not self.cache.restorable(payload, keep):
+            return 0
         if not self.cache.load(payload, len(candidate.tokens)):
             self.kv_states.reject(candidate, "its tensors do not fit this model's KV cache")
             return 0
-        # a sliding-window ring keeps only the window before its end: stepping back further
-        # than its slack leaves nothing usable (truncate says 0), and the prompt is evaluated
         keep = self.cache.truncate(keep)
-        if keep == 0:
-            self.evaluated = []
-            return 0
         self.evaluated = list(tokens[:keep])
         self.kv_states.restored(candidate, keep)
         return keep

@@ -44,6 +44,10 @@ class KVCache:
         """The [L, Hkv, S_max, D] buffers a saved state holds: keys, then values if kept apart."""
         return [b for b in (self.k, self.v) if b is not None]
 
+    def restorable(self, payload: bytearray, keep: int) -> bool:
+        """Whether a state, once loaded, can be cut back to `keep` positions: always here."""
+        return True
+
     def export(self, n_tokens: int) -> bytearray:
         """Positions 0..n_tokens-1 of each buffer, as raw bytes ([L, Hkv, n, D] each, in turn)."""
         out = bytearray()

@@ -82,15 +82,25 @@ class SlidingKVCache:
         """Forget positions >= length; returns how many positions stay usable (0 when a
         sliding ring no longer holds the window before `length`)."""
         length = min(self.length, length)
-        lowest_needed = min((max(0, length - w + 1) for w in self.windows if w), default=0)
-        if length and lowest_needed < self.oldest:
+        if not self._holds(length, self.oldest):
             length = 0
         if length == 0:
             self.oldest = 0
         self.length = length
         return length
 
+    def _holds(self, length: int, oldest: int) -> bool:
+        """Whether rings whose first held position is `oldest` still hold the window before
+        `length` (every sliding layer's keys a query at `length` needs)."""
+        lowest_needed = min((max(0, length - w + 1) for w in self.windows if w), default=0)
+        return not length or lowest_needed >= oldest
+
     # ---- saved states -----------------------------------------------------------------------
+    def restorable(self, payload: bytearray, keep: int) -> bool:
+        """Whether `export`'s bytes, once loaded, still hold the window before `keep` (checked
+        before loading, so that a state too far ahead does not replace a live cache)."""
+        return len(payload) >= 8 and self._holds(keep, struct.unpack_from("<q", payload)[0])
+
     def _saved(self, n_tokens: int) -> list[tuple[torch.Tensor, int]]:
         """(buffer, positions saved) per buffer: a plain buffer's first n, a ring whole."""
         out = []
