@@ -171,3 +171,15 @@ def test_low_bit_k_quants_use_their_own_measured_rate_else_q4_ks(laptop):
     timed = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "Q2_K": 11.0, "Q3_K": 9.0})
     assert (cm.cpu_rate_gbs(timed, "Q2_K"), cm.cpu_rate_gbs(timed, "Q3_K")) == (11.0, 9.0)
     assert cm.cpu_rate_gbs(timed, "Q6_K") == cm.cpu_rate_gbs(laptop, "Q4_K")  # a K-quant not timed: Q4_K's
+
+
+def test_unrepacked_legacy_quants_use_their_own_measured_rate_else_q4_0s(laptop):
+    """ggml repacks Q4_0 but not Q5_0, Q5_1 or Q4_1, so a profile times Q5_0 (Q5_1 reads at its
+    rate) and Q4_1; a profile measured before that reads them at Q4_0's rate, as it used to."""
+    import dataclasses
+
+    assert "Q5_0" not in laptop.cpu_matvec_gbs
+    q4_0 = cm.cpu_rate_gbs(laptop, "Q4_0")
+    assert cm.cpu_rate_gbs(laptop, "Q5_0") == cm.cpu_rate_gbs(laptop, "Q4_1") == q4_0
+    timed = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "Q5_0": 6.0, "Q4_1": 5.0})
+    assert [cm.cpu_rate_gbs(timed, q) for q in ("Q5_0", "Q5_1", "Q4_1", "Q4_0")] == [6.0, 6.0, 5.0, q4_0]

@@ -54,13 +54,14 @@ PLAIN = ":plain"  # cpu_matvec_gbs key suffix: the unrepacked layout's rate (a G
 
 # GGUF type -> the measured matvec type whose rate stands in for it (same kernel family).
 RATE_FAMILY = {
-    "Q4_0": "Q4_0", "Q4_1": "Q4_0", "Q5_0": "Q4_0", "Q5_1": "Q4_0", "IQ4_NL": "Q4_0", "MXFP4": "MXFP4",
+    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_0", "IQ4_NL": "Q4_0", "MXFP4": "MXFP4",
     "Q8_0": "Q8_0", "Q8_1": "Q8_0",
     "Q2_K": "Q2_K", "Q3_K": "Q3_K", "Q4_K": "Q4_K", "Q5_K": "Q5_K", "Q6_K": "Q6_K", "IQ4_XS": "Q4_K",
     "F16": "F16", "BF16": "F16", "F32": "F16",
 }
 # the family whose rate stands in where a profile from before a family was probed lacks it
-FAMILY_FALLBACK = {"MXFP4": "Q4_0", "Q2_K": "Q4_K", "Q3_K": "Q4_K", "Q5_K": "Q4_K", "Q6_K": "Q4_K"}
+FAMILY_FALLBACK = {"MXFP4": "Q4_0", "Q2_K": "Q4_K", "Q3_K": "Q4_K", "Q5_K": "Q4_K", "Q6_K": "Q4_K",
+                   "Q5_0": "Q4_0", "Q4_1": "Q4_0"}
 BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5,
         "Q5_1": 6, "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5, "Q3_K": 3.4375, "Q2_K": 2.625, "MXFP4": 4.25}
 
@@ -171,7 +172,7 @@ def cpu_rate_gbs(profile, type_name: str, gpu_build: bool = False) -> float:
     (`"<family>:plain"` in the profile; docs/cost-model.md, 'CPU weights of a GPU run')."""
     rates = profile.cpu_matvec_gbs or {}
     family = RATE_FAMILY.get(type_name, "Q4_K")
-    # MXFP4 (gpt-oss's experts) and the K-quants have their own kernels, measured by `moechat
+    # MXFP4 (gpt-oss's experts), the K-quants, Q5_0 and Q4_1 have their own kernels, measured by `moechat
     # profile` since issue 20; profiles without them take FAMILY_FALLBACK's rate
     rate = (rates.get(family) or rates.get(FAMILY_FALLBACK.get(family, "Q4_0")) or rates.get("Q4_0")
             or profile.ram_read_gbs)
