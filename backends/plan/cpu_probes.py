@@ -21,7 +21,7 @@ MATVEC_SHAPE = (14336, 4096)  # one Mixtral-8x7B expert projection: rows x cols
 # MXFP4: gpt-oss's experts. The other K-quants: their kernels run at their own weights a second
 # (Q2_K about Q4_K's, Q3_K and Q5_K two thirds of it), so at few cores they read other bytes a
 # second than Q4_K (issue 20 part C). Q5_0 and Q4_1: ggml does not repack them, so they run
-# well below Q4_0's repacked rate (0.6 of its bytes a second at 2 threads here); the quantizer
+# well below Q4_0's repacked rate (0.62 and 0.51 of its bytes a second at 2 threads here); the quantizer
 # writes Q5_0 for K-quant tensors whose rows are not a multiple of 256 (DeepSeek-V2-Lite's
 # experts in its Q4_K_M file)
 MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16", "MXFP4", "Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q5_0", "Q4_1")
