@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
         from moechat.backends.model.model_resolve import resolve_model
 
         card = read_model_card(resolve_model(args.model))
-        if not args.force and not args.workers:  # so is a model this machine (or its cgroup) cannot hold (with workers, open_engine plans the split)
+        # refused before the app opens: a model this machine (or its cgroup) cannot hold;
+        # with --workers, open_engine plans the split instead
+        if not args.force and not args.workers:
             from moechat.backends.manager import check_openable, default_context
 
             check_openable(card, args.ctx or default_context(card), args.engine, args.n_cpu_moe)

@@ -36,12 +36,7 @@ def gemm_gflops(threads: int, cases: list[tuple[str, int, int, int]], seconds: f
     try:
         for q, cols, rows, tokens in cases:
             block, block_bytes = cpu_probes.quant_block(q)
-            nbytes = rows * cols // block * block_bytes
-            buf = ggml.aligned_empty(nbytes)
-            buf[:] = np.frombuffer(np.random.default_rng(0).bytes(nbytes), np.uint8)
-            halves = buf.view(np.uint16)  # valid scales and finite F16 (see cpu_probes._ggml_matvec_gbs)
-            halves &= 0x3FFF
-            halves |= 0x1000
+            buf = cpu_probes.random_weight_bytes(ggml, rows * cols // block * block_bytes)
             weight = ggml.maybe_repack(ggml.QuantWeight(buf, ggml.ggml_type_id(q), (cols, rows)), ggml.REPACK_TYPES)
             linear = ggml_ops.QuantLinear(weight, backend)
             x = np.random.default_rng(1).standard_normal((tokens, cols)).astype(np.float32)
@@ -64,19 +59,6 @@ def own_shapes(card) -> list[tuple[str, int, int, int]]:
         tokens = max(1, N_TOKENS * card.n_experts_used // card.n_experts) if t.is_expert else N_TOKENS
         seen.setdefault((t.type_name, t.shape[0], t.shape[1], tokens), t.name)
     return list(seen)
-
-
-def flops_by_type(card) -> dict[str, float]:
-    """Multiply-adds per token by tensor type (cost_model.params_per_token, split by type)."""
-    out: dict[str, float] = {}
-    for t in card.tensors:
-        if t.name == "token_embd.weight" and card.tensor("output.weight") is not None:
-            continue
-        n = 1
-        for d in t.shape:
-            n *= d
-        out[t.type_name] = out.get(t.type_name, 0.0) + (n * card.n_experts_used / card.n_experts if t.is_expert else n)
-    return out
 
 
 def main() -> int:
@@ -109,7 +91,7 @@ def main() -> int:
         card = read_model_card(model_path(spec))
         now = cm.predict(card, profile, cm.Placement("cpu")).prefill_tok_s
         compute = sum(2 * n / (rates.get(cm.RATE_FAMILY.get(ty, "Q4_K"), rates["Q4_K"]) * 1e9)
-                      for ty, n in flops_by_type(card).items())
+                      for ty, n in cm.params_per_token_by_type(card).items())
         stream = card.tensor_bytes / (profile.ram_read_gbs * 1e9) / cm.N_UBATCH
         gemm = 1 / (compute + stream)
         llm = llama_cpp.Llama(model_path=str(card.path), n_ctx=2 * N_TOKENS, n_batch=N_TOKENS, n_ubatch=N_TOKENS,

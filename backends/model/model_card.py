@@ -155,8 +155,8 @@ class ModelCard:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V for every layer at kv_bits (f16 unless set), as llama.cpp allocates them. MLA caches only the
-        latent (kv_lora_rank + rope dims, one "head") as K and no V; sliding-window layers
+        """K and V for every layer at kv_bits (f16 unless set), as llama.cpp allocates them.
+        MLA caches only the latent (kv_lora_rank + rope dims, one "head") as K and no V; sliding-window layers
         count in full because llama-cpp-python allocates full-size SWA caches (swa_full)."""
         values = self.head_dim_k if self.is_mla else self.head_dim_k + self.head_dim_v
         return int(self.n_layers * self.n_kv_heads * values * self.kv_bits / 8)

@@ -150,15 +150,20 @@ def read_bytes_per_token(card, t) -> float:
 
 def params_per_token(card) -> float:
     """Multiply-adds per decoded token (= weights touched, experts at A/E), for the flop count."""
-    total = 0.0
+    return sum(params_per_token_by_type(card).values())
+
+
+def params_per_token_by_type(card) -> dict[str, float]:
+    """params_per_token split by the weights' GGUF type."""
+    out: dict[str, float] = {}
     for t in card.tensors:
         n = 1
         for d in t.shape:
             n *= d
         if t.name == "token_embd.weight" and card.tensor("output.weight") is not None:
             continue  # a lookup, not a matmul
-        total += n * card.n_experts_used / card.n_experts if t.is_expert else n
-    return total
+        out[t.type_name] = out.get(t.type_name, 0.0) + (n * card.n_experts_used / card.n_experts if t.is_expert else n)
+    return out
 
 
 # ---- rates ----------------------------------------------------------------------------------
@@ -172,8 +177,8 @@ def cpu_rate_gbs(profile, type_name: str, gpu_build: bool = False) -> float:
     (`"<family>:plain"` in the profile; docs/cost-model.md, 'CPU weights of a GPU run')."""
     rates = profile.cpu_matvec_gbs or {}
     family = RATE_FAMILY.get(type_name, "Q4_K")
-    # MXFP4 (gpt-oss's experts), the K-quants, Q5_0 and Q4_1 have their own kernels, measured by `moechat
-    # profile` since issue 20; profiles without them take FAMILY_FALLBACK's rate
+    # MXFP4 (gpt-oss's experts), the K-quants, Q5_0 and Q4_1 have their own kernels, measured
+    # by `moechat profile` since issue 20; profiles without them take FAMILY_FALLBACK's rate
     rate = (rates.get(family) or rates.get(FAMILY_FALLBACK.get(family, "Q4_0")) or rates.get("Q4_0")
             or profile.ram_read_gbs)
     if gpu_build:

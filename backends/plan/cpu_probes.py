@@ -21,9 +21,9 @@ MATVEC_SHAPE = (14336, 4096)  # one Mixtral-8x7B expert projection: rows x cols
 # MXFP4: gpt-oss's experts. The other K-quants: their kernels run at their own weights a second
 # (Q2_K about Q4_K's, Q3_K and Q5_K two thirds of it), so at few cores they read other bytes a
 # second than Q4_K (issue 20 part C). Q5_0 and Q4_1: ggml does not repack them, so they run
-# well below Q4_0's repacked rate (0.62 and 0.51 of its bytes a second at 2 threads here); the quantizer
-# writes Q5_0 for K-quant tensors whose rows are not a multiple of 256 (DeepSeek-V2-Lite's
-# experts in its Q4_K_M file)
+# well below Q4_0's repacked rate (0.62 and 0.51 of its bytes a second at 2 threads here);
+# the quantizer writes Q5_0 for K-quant tensors whose rows are not a multiple of 256
+# (DeepSeek-V2-Lite's experts in its Q4_K_M file)
 MATVEC_QTYPES = ("Q4_0", "Q8_0", "Q4_K", "F16", "MXFP4", "Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q5_0", "Q4_1")
 
 
@@ -172,22 +172,30 @@ def measure_cpu_op_s(threads: int, seconds: float = 0.5) -> float:
         backend.close()
 
 
+def random_weight_bytes(ggml, nbytes: int):
+    """An aligned buffer of `nbytes` random bytes that reads as valid weights of any type
+    probed here. Every 16-bit word is forced to a normal half float in [2^-11, 2): that makes
+    F16 weights finite and, as every block's scale fields sit at even offsets, every block
+    scale valid too (random scales would include NaN and denormals). Random, not constant,
+    bytes: a hypervisor may merge identical pages. (kernels/ggml's own rate helper draws bytes
+    with rng.integers, which takes seconds per type at this size.)"""
+    import numpy as np
+
+    buf = ggml.aligned_empty(nbytes)
+    buf[:] = np.frombuffer(np.random.default_rng(0).bytes(nbytes), np.uint8)
+    halves = buf.view(np.uint16)
+    halves &= 0x3FFF  # clear the sign and the top exponent bit: exponent <= 15
+    halves |= 0x1000  # set an exponent bit: exponent >= 4, a normal number
+    return buf
+
+
 def _ggml_matvec_gbs(ggml, target: int, cols: int, threads: int, seconds: float, statistic: str = "best") -> dict[str, float]:
-    """One buffer of `target` random bytes, read as each type in turn. Every 16-bit word is
-    forced to a normal half float in [2^-11, 2): that makes F16 weights finite and, as every
-    block's scale fields sit at even offsets, every Q4_0/Q8_0/Q4_K scale valid too (random
-    scales would include NaN and denormals). Random, not constant, bytes: a hypervisor may
-    merge identical pages. (kernels/ggml's own rate helper draws bytes with rng.integers,
-    which takes seconds per type at this size.)"""
+    """One buffer of `target` random bytes (`random_weight_bytes`), read as each type in turn."""
     import numpy as np
 
     from moechat.kernels import ggml_ops
 
-    buf = ggml.aligned_empty(target)
-    buf[:] = np.frombuffer(np.random.default_rng(0).bytes(target), np.uint8)
-    halves = buf.view(np.uint16)
-    halves &= 0x3FFF  # clear the sign and the top exponent bit: exponent <= 15
-    halves |= 0x1000  # set an exponent bit: exponent >= 4, a normal number
+    buf = random_weight_bytes(ggml, target)
     backend = ggml.CpuBackend(threads)
     x = np.ones(cols, np.float32)
     rates = {}
