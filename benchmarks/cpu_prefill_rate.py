@@ -62,10 +62,12 @@ def own_shapes(card) -> list[tuple[str, int, int, int]]:
 
 
 def main() -> int:
+    from moechat.app.arg_types import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,qwen3-30b-a3b:4:Q4_0")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--shapes", action="store_true", help="also time each model's own weight shapes")
     args = ap.parse_args()
 
@@ -88,7 +90,11 @@ def main() -> int:
     print("| model | predicted now | with per-type GEMM rates | measured (best of rounds) | now / measured | GEMM / measured |")
     print("| --- | --- | --- | --- | --- | --- |")
     for spec in args.models.split(","):
-        card = read_model_card(model_path(spec))
+        try:
+            card = read_model_card(model_path(spec))
+        except ValueError as err:  # an unknown geometry or quant: say so in one line
+            print(f"error: {spec}: {err}", file=sys.stderr)
+            return 2
         now = cm.predict(card, profile, cm.Placement("cpu")).prefill_tok_s
         compute = sum(2 * n / (rates.get(cm.RATE_FAMILY.get(ty, "Q4_K"), rates["Q4_K"]) * 1e9)
                       for ty, n in cm.params_per_token_by_type(card).items())

@@ -29,9 +29,11 @@ def ms_per_call(template: str, calls: int, fresh: bool) -> float:
 
 
 def main() -> int:
+    from moechat.app.arg_types import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--calls", type=positive_int, default=20)
     args = parser.parse_args()
     print("| template | chars | compiled each call, ms | compiled once, ms | ratio |")
     print("| --- | --- | --- | --- | --- |")
