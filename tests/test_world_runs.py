@@ -17,7 +17,8 @@ from moechat.backends.plan import error_bands  # noqa: E402
 from moechat.backends.plan.hardware_profile import read_profile  # noqa: E402
 from moechat.backends.plan.planner import make_plan  # noqa: E402
 from tests.fixtures.random_geometry import geometry_card  # noqa: E402
-from tests.fixtures.world_runs import GROUPS, PROFILES, RUNS_CSV, as_measured, load_runs, run_card  # noqa: E402
+from tests.fixtures.world_runs import (  # noqa: E402
+    CHIPLET_LINKS, GROUPS, MONOLITHIC_AMD, PROFILES, RUNS_CSV, as_measured, link_read_gbs, load_runs, run_card)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,26 @@ def test_every_machine_has_a_profile_with_sources():
         assert p.sources and p.machine, machine
     unified = {r.machine for r in load_runs() if r.group == "unified"}
     assert all(read_profile(PROFILES / f"{m}.json").gpus[0].unified for m in unified)
+
+
+def test_amd_chiplet_profiles_read_no_more_than_their_links():
+    """Part E's rule: every AMD profile is a chiplet part with its links listed, or one die;
+    a chiplet profile's CPU read and rates stay under the links, and say so where they bind."""
+    for path in sorted(PROFILES.glob("*.json")):
+        p = read_profile(path)
+        if not p.cpu.model.startswith("AMD"):
+            assert path.stem not in CHIPLET_LINKS, path.stem
+            continue
+        assert (path.stem in CHIPLET_LINKS) != (path.stem in MONOLITHIC_AMD), path.stem
+        cap = link_read_gbs(path.stem)
+        if cap is None:
+            continue
+        ccds = CHIPLET_LINKS[path.stem][0]
+        assert ccds * 32 * 2**20 <= p.cpu.llc_bytes, path.stem  # at least 32 MB of L3 a CCD
+        assert p.ram_read_gbs <= cap + 0.05, (path.stem, p.ram_read_gbs, cap)
+        assert all(rate <= cap + 0.05 for rate in p.cpu_matvec_gbs.values()), path.stem
+        if p.ram_read_gbs > cap - 0.05:
+            assert "CCD" in p.sources["ram_read_gbs"], path.stem
 
 
 def test_holdout_is_every_third_run_of_each_group():
