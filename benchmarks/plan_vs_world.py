@@ -16,6 +16,7 @@ backends/plan/error_bands.py holds (tests/test_world_runs.py checks they agree).
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +34,14 @@ CPU_WEIGHTS = "weights in RAM (CPU)"  # the cost model's decode term for weights
 def predict_run(run) -> cm.Prediction:
     card, profile, placement = plan_inputs(run)
     n_ctx = max(4096, run.n_past + 512)
-    return cm.predict(card, profile, placement, n_ctx=n_ctx, n_past=run.n_past)
+    return cm.predict(card, profile, placement, n_ctx=n_ctx, n_past=run.n_past,
+                      n_prompt=prompt_tokens(run.prefill_test))
+
+
+def prompt_tokens(prefill_test: str) -> int:
+    """The prompt length a prefill test ran: "pp512", "server (527-token prompt)", "~10-token"."""
+    found = re.search(r"pp(\d+)|(\d+)-token", prefill_test or "")
+    return int(found.group(1) or found.group(2)) if found else cm.N_UBATCH
 
 
 def rows():

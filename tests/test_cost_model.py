@@ -183,3 +183,32 @@ def test_unrepacked_legacy_quants_use_their_own_measured_rate_else_q4_0s(laptop)
     assert cm.cpu_rate_gbs(laptop, "Q5_0") == cm.cpu_rate_gbs(laptop, "Q4_1") == q4_0
     timed = dataclasses.replace(laptop, cpu_matvec_gbs={**laptop.cpu_matvec_gbs, "Q5_0": 6.0, "Q4_1": 5.0})
     assert [cm.cpu_rate_gbs(timed, q) for q in ("Q5_0", "Q5_1", "Q4_1", "Q4_0")] == [6.0, 6.0, 5.0, q4_0]
+
+
+def test_short_prompts_multiply_ram_experts_on_the_cpu_not_over_pcie(rtx4090):
+    """ggml offloads a RAM weight's matmul to the GPU from 32 tokens only (offload_op): a
+    shorter prompt's CPU experts cost RAM reads, not PCIe copies; a long one's, the copies."""
+    import dataclasses
+
+    card = geometry_card("qwen3-30b-a3b", n_layers=4, qtype="Q4_0")
+    split = cm.Placement("moe", 4)
+    slow_link = dataclasses.replace(rtx4090, gpus=(dataclasses.replace(rtx4090.gpus[0], h2d_gbs=1.0),))
+    for n_prompt, link_matters in ((16, False), (512, True)):
+        fast = cm.predict(card, rtx4090, split, n_prompt=n_prompt).prefill_tok_s
+        slow = cm.predict(card, slow_link, split, n_prompt=n_prompt).prefill_tok_s
+        assert (slow < 0.5 * fast) == link_matters, (n_prompt, fast, slow)
+
+
+def test_the_prompt_is_projected_onto_the_vocabulary_once(laptop):
+    """llama.cpp computes logits for the prompt's last token only: a vocabulary projection
+    costs a prompt one read of its weight, not 2 x its size in flops a token."""
+    import dataclasses
+
+    card = geometry_card("qwen3-30b-a3b", n_layers=2, qtype="Q4_0")
+    out = card.tensor("output.weight")
+    bigger = dataclasses.replace(out, shape=(out.shape[0], out.shape[1] * 4), n_bytes=out.n_bytes * 4)
+    card4 = dataclasses.replace(card, tensors=[bigger if t.name == out.name else t for t in card.tensors])
+    n = 512
+    t1 = 1 / cm.predict(card, laptop, cm.Placement("cpu"), n_prompt=n).prefill_tok_s
+    t4 = 1 / cm.predict(card4, laptop, cm.Placement("cpu"), n_prompt=n).prefill_tok_s
+    assert (t4 - t1) * n == pytest.approx(3 * out.n_bytes / (laptop.ram_read_gbs * 1e9), rel=1e-6)

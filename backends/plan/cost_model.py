@@ -8,8 +8,9 @@ once, from wherever it lives:
     t_decode = sum over tensors of  bytes read per token / bandwidth of the tier holding it
              + bytes over PCIe per token / measured host->device bandwidth   (HOBBIT misses)
              + per-token and per-layer overheads (graph dispatch, thread barriers, hand-offs)
-    t_prefill per token = flops per token / compute rate
+    t_prefill per token = flops per token / compute rate (the vocabulary projection once a prompt)
              + weights copied to the GPU per micro-batch / (H2D bandwidth x micro-batch)
+               (from 32 tokens a micro-batch; a shorter one multiplies RAM weights on the CPU)
 
 Legend: L layers, E experts per layer, A experts used per token, N layers whose experts stay
 in RAM (`--n-cpu-moe N`), G layers on the GPU (`-ngl G`).
@@ -26,6 +27,7 @@ VRAM_RESERVE_BYTES = 400 * MIB  # CUDA context + fragmentation headroom per GPU
 RAM_HEADROOM = 0.90  # plan to use at most 90% of the RAM available now
 UNIFIED_GPU_FRACTION = 0.75  # Metal's default working-set cap on unified memory
 N_UBATCH = 512  # llama.cpp micro-batch (prefill chunk)
+OP_OFFLOAD_MIN_BATCH = 32  # ggml's GPU backends run a RAM weight's matmul on the GPU from 32 tokens (offload_op)
 CPU_TOKEN_OVERHEAD_S = 0.1e-3  # llama_decode's per-token graph build/scheduling + Python eval (a 2-layer model, measured)
 CPU_LAYER_OVERHEAD_S = 63e-6  # per CPU layer beyond its counted ops: small-matrix rates, per-layer work (fitted here)
 OPS_PER_LAYER = 30  # compute nodes of one llama.cpp MoE layer (norms, q/k/v/o, rope, attention, router, experts)
@@ -157,13 +159,18 @@ def params_per_token_by_type(card) -> dict[str, float]:
     """params_per_token split by the weights' GGUF type."""
     out: dict[str, float] = {}
     for t in card.tensors:
-        n = 1
-        for d in t.shape:
-            n *= d
         if t.name == "token_embd.weight" and card.tensor("output.weight") is not None:
             continue  # a lookup, not a matmul
+        n = _params(t)
         out[t.type_name] = out.get(t.type_name, 0.0) + (n * card.n_experts_used / card.n_experts if t.is_expert else n)
     return out
+
+
+def _params(t) -> int:
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n
 
 
 # ---- rates ----------------------------------------------------------------------------------
@@ -271,7 +278,7 @@ def memory(card, placement: Placement, n_ctx: int) -> tuple[int, int]:
 
 
 def predict(card, profile, placement: Placement, routing: Routing | None = None,
-            n_ctx: int = 4096, n_past: int = 0) -> Prediction:
+            n_ctx: int = 4096, n_past: int = 0, n_prompt: int = N_UBATCH) -> Prediction:
     """Predicted prefill/decode tok/s and memory of one placement on one machine."""
     routing = routing or Routing()
     ram, vram = memory(card, placement, n_ctx)
@@ -316,7 +323,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
     _add_overheads(card, profile, placement, add)
     decode_s = sum(terms.values())
     return Prediction(
-        prefill_tok_s=1.0 / prefill_seconds_per_token(card, profile, placement, routing),
+        prefill_tok_s=1.0 / prefill_seconds_per_token(card, profile, placement, routing, n_prompt),
         decode_tok_s=1.0 / decode_s,
         ram_bytes=ram,
         vram_bytes=vram,
@@ -347,20 +354,52 @@ def _add_overheads(card, profile, placement: Placement, add) -> None:
         add("overheads", L * (TORCH_LAYER_OVERHEAD_S + (2 * HANDOFF_S if kind == "fiddler" else 0)))
 
 
-def prefill_seconds_per_token(card, profile, placement: Placement, routing: Routing) -> float:
-    """Compute-bound at a 512-token micro-batch; with a GPU, weights that live in RAM are
-    copied over PCIe once per micro-batch (llama.cpp's op offload; Fiddler/HOBBIT load misses)."""
-    flops = 2 * params_per_token(card)
+def prefill_seconds_per_token(card, profile, placement: Placement, routing: Routing,
+                              n_prompt: int = N_UBATCH) -> float:
+    """Seconds a prompt token, for a prompt of n_prompt tokens in micro-batches of N_UBATCH;
+    llama.cpp projects only the last token onto the vocabulary (its logits)."""
+    n = max(1, n_prompt)
+    batches = [N_UBATCH] * (n // N_UBATCH) + ([n % N_UBATCH] if n % N_UBATCH else [])
+    seconds = sum(_micro_batch_seconds(card, profile, placement, routing, b) for b in batches)
+    out = _output_tensor(card)
+    if out is not None:  # one token's projection, read from wherever the weight lives
+        on_the_gpu = placement.kind != "cpu" and profile.gpus and on_gpu(card, out, placement)
+        seconds += out.n_bytes / ((gpu_mem_gbs(profile) if on_the_gpu else profile.ram_read_gbs) * 1e9)
+    return seconds / n
+
+
+def _output_tensor(card):
+    return card.tensor("output.weight") or card.tensor("token_embd.weight")  # tied: the embedding
+
+
+def _touched(card, t, b: int) -> float:
+    """Share of tensor t's bytes a micro-batch of b tokens reads (experts: uniform routing)."""
+    if not t.is_expert:
+        return 1.0
+    return 1.0 - (1.0 - card.n_experts_used / max(1, card.n_experts)) ** b
+
+
+def _micro_batch_seconds(card, profile, placement: Placement, routing: Routing, b: int) -> float:
+    """Compute-bound at b tokens, plus each weight read once (from RAM on the CPU; copied over
+    PCIe when a GPU run offloads a RAM weight's matmul, which ggml does from 32 tokens)."""
+    out = _output_tensor(card)
     cpu_flops = max(profile.cpu_gflops, 1.0) * 1e9 * CPU_PREFILL_EFFICIENCY
-    if placement.kind == "cpu" or not profile.gpus:
-        # every weight is streamed from RAM once per micro-batch as well
-        return flops / cpu_flops + card.tensor_bytes / (profile.ram_read_gbs * 1e9) / N_UBATCH
-    g = profile.gpus[0]
-    gpu_flops = (g.tflops or 20.0) * 1e12 * GPU_PREFILL_EFFICIENCY
-    copied = 0
+    gpu = profile.gpus[0] if profile.gpus else None
+    gpu_flops = ((gpu.tflops if gpu else 0.0) or 20.0) * 1e12 * GPU_PREFILL_EFFICIENCY
+    seconds = 0.0
     for t in card.tensors:
-        if placement.kind in ("fiddler", "hobbit") and t.is_expert:
-            copied += t.n_bytes * (1 - placement.n / max(1, card.n_experts))
-        elif not on_gpu(card, t, placement) and t.name != "token_embd.weight":
-            copied += t.n_bytes
-    return flops / gpu_flops + copied / (h2d_gbs(profile) * 1e9) / N_UBATCH
+        if out is not None and t.name in (out.name, "token_embd.weight"):
+            continue  # the projection is counted once a prompt; the embedding is a lookup
+        flops = 2 * _params(t) * (card.n_experts_used / card.n_experts if t.is_expert else 1) * b
+        if placement.kind == "cpu" or gpu is None:
+            seconds += flops / cpu_flops + t.n_bytes * _touched(card, t, b) / (profile.ram_read_gbs * 1e9)
+        elif placement.kind in ("fiddler", "hobbit") and t.is_expert:  # misses loaded to the GPU
+            seconds += flops / gpu_flops + t.n_bytes * (1 - placement.n / max(1, card.n_experts)) / (h2d_gbs(profile) * 1e9)
+        elif on_gpu(card, t, placement) or placement.kind in ("fiddler", "hobbit"):
+            seconds += flops / gpu_flops + (t.n_bytes * _touched(card, t, b) / (gpu_mem_gbs(profile) * 1e9)
+                                            if b < OP_OFFLOAD_MIN_BATCH else 0.0)
+        elif b >= OP_OFFLOAD_MIN_BATCH:  # ggml copies the RAM weight over and multiplies there
+            seconds += flops / gpu_flops + t.n_bytes / (h2d_gbs(profile) * 1e9)
+        else:  # a short batch multiplies a RAM weight on the CPU
+            seconds += flops / cpu_flops + t.n_bytes * _touched(card, t, b) / (profile.ram_read_gbs * 1e9)
+    return seconds
