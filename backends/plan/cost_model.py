@@ -323,7 +323,7 @@ def predict(card, profile, placement: Placement, routing: Routing | None = None,
     _add_overheads(card, profile, placement, add)
     decode_s = sum(terms.values())
     return Prediction(
-        prefill_tok_s=1.0 / prefill_seconds_per_token(card, profile, placement, routing, n_prompt),
+        prefill_tok_s=1.0 / prefill_seconds_per_token(card, profile, placement, n_prompt),
         decode_tok_s=1.0 / decode_s,
         ram_bytes=ram,
         vram_bytes=vram,
@@ -354,13 +354,12 @@ def _add_overheads(card, profile, placement: Placement, add) -> None:
         add("overheads", L * (TORCH_LAYER_OVERHEAD_S + (2 * HANDOFF_S if kind == "fiddler" else 0)))
 
 
-def prefill_seconds_per_token(card, profile, placement: Placement, routing: Routing,
-                              n_prompt: int = N_UBATCH) -> float:
+def prefill_seconds_per_token(card, profile, placement: Placement, n_prompt: int = N_UBATCH) -> float:
     """Seconds a prompt token, for a prompt of n_prompt tokens in micro-batches of N_UBATCH;
     llama.cpp projects only the last token onto the vocabulary (its logits)."""
     n = max(1, n_prompt)
     batches = [N_UBATCH] * (n // N_UBATCH) + ([n % N_UBATCH] if n % N_UBATCH else [])
-    seconds = sum(_micro_batch_seconds(card, profile, placement, routing, b) for b in batches)
+    seconds = sum(_micro_batch_seconds(card, profile, placement, b) for b in batches)
     out = _output_tensor(card)
     if out is not None:  # one token's projection, read from wherever the weight lives
         on_the_gpu = placement.kind != "cpu" and profile.gpus and on_gpu(card, out, placement)
@@ -379,7 +378,7 @@ def _touched(card, t, b: int) -> float:
     return 1.0 - (1.0 - card.n_experts_used / max(1, card.n_experts)) ** b
 
 
-def _micro_batch_seconds(card, profile, placement: Placement, routing: Routing, b: int) -> float:
+def _micro_batch_seconds(card, profile, placement: Placement, b: int) -> float:
     """Compute-bound at b tokens, plus each weight read once (from RAM on the CPU; copied over
     PCIe when a GPU run offloads a RAM weight's matmul, which ggml does from 32 tokens)."""
     out = _output_tensor(card)
@@ -394,7 +393,8 @@ def _micro_batch_seconds(card, profile, placement: Placement, routing: Routing, 
         if placement.kind == "cpu" or gpu is None:
             seconds += flops / cpu_flops + t.n_bytes * _touched(card, t, b) / (profile.ram_read_gbs * 1e9)
         elif placement.kind in ("fiddler", "hobbit") and t.is_expert:  # misses loaded to the GPU
-            seconds += flops / gpu_flops + t.n_bytes * (1 - placement.n / max(1, card.n_experts)) / (h2d_gbs(profile) * 1e9)
+            missed = t.n_bytes * (1 - placement.n / max(1, card.n_experts))
+            seconds += flops / gpu_flops + missed / (h2d_gbs(profile) * 1e9)
         elif on_gpu(card, t, placement) or placement.kind in ("fiddler", "hobbit"):
             seconds += flops / gpu_flops + (t.n_bytes * _touched(card, t, b) / (gpu_mem_gbs(profile) * 1e9)
                                             if b < OP_OFFLOAD_MIN_BATCH else 0.0)

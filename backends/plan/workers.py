@@ -119,7 +119,7 @@ def predict(card, profile, workers, split: Split, n_ctx: int = 4096) -> cm.Predi
         where = "here" if i == 0 else workers[i - 1].endpoint
         terms[f"layers {where}"] = sum(_layer_seconds(card, machine, x) for x in range(layer, layer + n))
         share = sum(cm.layer_bytes(card, x) for x in range(layer, layer + n)) / max(1, card.tensor_bytes)
-        prefill_s += share * cm.prefill_seconds_per_token(card, machine, cm.Placement("cpu"), cm.Routing())
+        prefill_s += share * cm.prefill_seconds_per_token(card, machine, cm.Placement("cpu"))
         if i > 0 and n > 0:
             w = workers[i - 1]
             terms[f"hops to {where}"] = hop_seconds(card, w)
@@ -130,7 +130,7 @@ def predict(card, profile, workers, split: Split, n_ctx: int = 4096) -> cm.Predi
                   for t in card.tensors if t.layer is None)
     terms["output + overheads here"] = outside + cm.CPU_TOKEN_OVERHEAD_S + cm.OPS_PER_TOKEN * profile.cpu_op_s
     prefill_s += cm.non_layer_bytes(card) / max(1, card.tensor_bytes) * cm.prefill_seconds_per_token(
-        card, profile, cm.Placement("cpu"), cm.Routing())
+        card, profile, cm.Placement("cpu"))
     need = memory(card, split, n_ctx)
     return cm.Prediction(1.0 / prefill_s, 1.0 / sum(terms.values()), need[0], 0, terms)
 
