@@ -8,7 +8,7 @@ kernels/ggml.py, per type, in the layout a CPU-only run loads (repacked where gg
 on a 4096-wide, 1024-row weight: GFLOPS. Then per model (plan_accuracy.py's models: the demo
 or a random-weight file of real geometry): the cost model's CPU prefill prediction now
 (flops / (0.6 x numpy float32 GEMM) + one weight read per micro-batch), the same with each
-tensor's flops at its type's GEMM rate, and llama.cpp's prefill of a 512-token prompt
+tensor's flops at its type's GEMM rate (`cpu_gemm_gflops`), and llama.cpp's prefill of a 512-token prompt
 (`n_batch = n_ubatch = 512`, best of rounds). `--shapes` also times each model's own
 distinct (type, shape) weights at the tokens a call sees (an expert: 512 x used / experts).
 """
@@ -96,10 +96,7 @@ def main() -> int:
             print(f"error: {spec}: {err}", file=sys.stderr)
             return 2
         now = cm.predict(card, profile, cm.Placement("cpu")).prefill_tok_s
-        compute = sum(2 * n / (rates.get(cm.RATE_FAMILY.get(ty, "Q4_K"), rates["Q4_K"]) * 1e9)
-                      for ty, n in cm.params_per_token_by_type(card).items())
-        stream = card.tensor_bytes / (profile.ram_read_gbs * 1e9) / cm.N_UBATCH
-        gemm = 1 / (compute + stream)
+        gemm = 1 / cm.prefill_seconds_per_token(card, profile, cm.Placement("cpu"), cpu_gemm_gflops=rates)
         llm = llama_cpp.Llama(model_path=str(card.path), n_ctx=2 * N_TOKENS, n_batch=N_TOKENS, n_ubatch=N_TOKENS,
                               n_threads=args.threads, verbose=False)
         try:

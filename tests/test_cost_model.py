@@ -212,3 +212,18 @@ def test_the_prompt_is_projected_onto_the_vocabulary_once(laptop):
     t1 = 1 / cm.predict(card, laptop, cm.Placement("cpu"), n_prompt=n).prefill_tok_s
     t4 = 1 / cm.predict(card4, laptop, cm.Placement("cpu"), n_prompt=n).prefill_tok_s
     assert (t4 - t1) * n == pytest.approx(3 * out.n_bytes / (laptop.ram_read_gbs * 1e9), rel=1e-6)
+
+
+def test_per_type_gemm_rates_replace_the_cpus_one_rate(laptop):
+    """The what-if of benchmarks/cpu_prefill_rate.py: every type at the profile's own rate gives
+    the same prefill, and a slower rate for one type slows only that type's flops."""
+    card = geometry_card("olmoe-1b-7b", n_layers=2, qtype="Q4_0")
+    one = laptop.cpu_gflops * cm.CPU_PREFILL_EFFICIENCY
+    same = {family: one for family in set(cm.RATE_FAMILY.values())}
+    base = cm.prefill_seconds_per_token(card, laptop, cm.Placement("cpu"))
+    assert cm.prefill_seconds_per_token(card, laptop, cm.Placement("cpu"), cpu_gemm_gflops=same) == pytest.approx(base)
+    slow_q4 = dict(same, Q4_0=one / 2)
+    q4_flops = 2 * sum(cm.tensor_params_per_token(card, t) for t in card.tensors
+                       if t.type_name == "Q4_0" and t.name not in ("output.weight", "token_embd.weight"))
+    slower = cm.prefill_seconds_per_token(card, laptop, cm.Placement("cpu"), cpu_gemm_gflops=slow_q4)
+    assert slower - base == pytest.approx(q4_flops / (one * 1e9), rel=1e-6)

@@ -18,6 +18,7 @@ in RAM (`--n-cpu-moe N`), G layers on the GPU (`-ngl G`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # ---- constants (docs/cost-model.md says where each comes from) -------------------------------
@@ -161,16 +162,14 @@ def params_per_token_by_type(card) -> dict[str, float]:
     for t in card.tensors:
         if t.name == "token_embd.weight" and card.tensor("output.weight") is not None:
             continue  # a lookup, not a matmul
-        n = _params(t)
-        out[t.type_name] = out.get(t.type_name, 0.0) + (n * card.n_experts_used / card.n_experts if t.is_expert else n)
+        out[t.type_name] = out.get(t.type_name, 0.0) + tensor_params_per_token(card, t)
     return out
 
 
-def _params(t) -> int:
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n
+def tensor_params_per_token(card, t) -> float:
+    """Multiply-adds of tensor t a token: its weights, an expert tensor's at A/E."""
+    n = math.prod(t.shape)
+    return n * card.n_experts_used / card.n_experts if t.is_expert else n
 
 
 # ---- rates ----------------------------------------------------------------------------------
@@ -354,21 +353,20 @@ def _add_overheads(card, profile, placement: Placement, add) -> None:
         add("overheads", L * (TORCH_LAYER_OVERHEAD_S + (2 * HANDOFF_S if kind == "fiddler" else 0)))
 
 
-def prefill_seconds_per_token(card, profile, placement: Placement, n_prompt: int = N_UBATCH) -> float:
+def prefill_seconds_per_token(card, profile, placement: Placement, n_prompt: int = N_UBATCH,
+                              cpu_gemm_gflops: dict[str, float] | None = None) -> float:
     """Seconds a prompt token, for a prompt of n_prompt tokens in micro-batches of N_UBATCH;
-    llama.cpp projects only the last token onto the vocabulary (its logits)."""
+    llama.cpp projects only the last token onto the vocabulary (its logits). cpu_gemm_gflops
+    (type family -> GFLOPS) replaces the CPU's one rate with per-type GEMM rates (a what-if of
+    benchmarks/cpu_prefill_rate.py; no profile measures them yet)."""
     n = max(1, n_prompt)
     batches = [N_UBATCH] * (n // N_UBATCH) + ([n % N_UBATCH] if n % N_UBATCH else [])
-    seconds = sum(_micro_batch_seconds(card, profile, placement, b) for b in batches)
-    out = _output_tensor(card)
+    out = card.tensor("output.weight") or card.tensor("token_embd.weight")  # tied: the embedding
+    seconds = sum(_micro_batch_seconds(card, profile, placement, b, out, cpu_gemm_gflops) for b in batches)
     if out is not None:  # one token's projection, read from wherever the weight lives
         on_the_gpu = placement.kind != "cpu" and profile.gpus and on_gpu(card, out, placement)
         seconds += out.n_bytes / ((gpu_mem_gbs(profile) if on_the_gpu else profile.ram_read_gbs) * 1e9)
     return seconds / n
-
-
-def _output_tensor(card):
-    return card.tensor("output.weight") or card.tensor("token_embd.weight")  # tied: the embedding
 
 
 def _touched(card, t, b: int) -> float:
@@ -378,28 +376,39 @@ def _touched(card, t, b: int) -> float:
     return 1.0 - (1.0 - card.n_experts_used / max(1, card.n_experts)) ** b
 
 
-def _micro_batch_seconds(card, profile, placement: Placement, b: int) -> float:
+def _micro_batch_seconds(card, profile, placement: Placement, b: int, out, cpu_gemm_gflops=None) -> float:
     """Compute-bound at b tokens, plus each weight read once (from RAM on the CPU; copied over
-    PCIe when a GPU run offloads a RAM weight's matmul, which ggml does from 32 tokens)."""
-    out = _output_tensor(card)
+    PCIe when a GPU run offloads a RAM weight's matmul, which ggml does from 32 tokens).
+    `out` (the vocabulary projection) is left to the caller: one token a prompt."""
     cpu_flops = max(profile.cpu_gflops, 1.0) * 1e9 * CPU_PREFILL_EFFICIENCY
     gpu = profile.gpus[0] if profile.gpus else None
     gpu_flops = ((gpu.tflops if gpu else 0.0) or 20.0) * 1e12 * GPU_PREFILL_EFFICIENCY
+    torch_engine = placement.kind in ("fiddler", "hobbit")
     seconds = 0.0
     for t in card.tensors:
         if out is not None and t.name in (out.name, "token_embd.weight"):
             continue  # the projection is counted once a prompt; the embedding is a lookup
-        flops = 2 * _params(t) * (card.n_experts_used / card.n_experts if t.is_expert else 1) * b
-        if placement.kind == "cpu" or gpu is None:
-            seconds += flops / cpu_flops + t.n_bytes * _touched(card, t, b) / (profile.ram_read_gbs * 1e9)
-        elif placement.kind in ("fiddler", "hobbit") and t.is_expert:  # misses loaded to the GPU
+        flops = 2 * tensor_params_per_token(card, t) * b
+        if gpu is None or placement.kind == "cpu":
+            where = "cpu"
+        elif torch_engine:
+            where = "missed" if t.is_expert else "gpu"
+        elif on_gpu(card, t, placement):
+            where = "gpu"
+        else:  # a RAM weight: ggml copies it over and multiplies there from 32 tokens
+            where = "copied" if b >= OP_OFFLOAD_MIN_BATCH else "cpu"
+        if where == "cpu":
+            rate = cpu_flops
+            if cpu_gemm_gflops:
+                family = RATE_FAMILY.get(t.type_name, "Q4_K")
+                rate = cpu_gemm_gflops.get(family, cpu_gemm_gflops.get("Q4_K", 1.0)) * 1e9
+            seconds += flops / rate + t.n_bytes * _touched(card, t, b) / (profile.ram_read_gbs * 1e9)
+        elif where == "copied":
+            seconds += flops / gpu_flops + t.n_bytes / (h2d_gbs(profile) * 1e9)
+        elif where == "missed":  # the torch engines load the missed experts to the GPU
             missed = t.n_bytes * (1 - placement.n / max(1, card.n_experts))
             seconds += flops / gpu_flops + missed / (h2d_gbs(profile) * 1e9)
-        elif on_gpu(card, t, placement) or placement.kind in ("fiddler", "hobbit"):
-            seconds += flops / gpu_flops + (t.n_bytes * _touched(card, t, b) / (gpu_mem_gbs(profile) * 1e9)
-                                            if b < OP_OFFLOAD_MIN_BATCH else 0.0)
-        elif b >= OP_OFFLOAD_MIN_BATCH:  # ggml copies the RAM weight over and multiplies there
-            seconds += flops / gpu_flops + t.n_bytes / (h2d_gbs(profile) * 1e9)
-        else:  # a short batch multiplies a RAM weight on the CPU
-            seconds += flops / cpu_flops + t.n_bytes * _touched(card, t, b) / (profile.ram_read_gbs * 1e9)
+        else:  # in VRAM: compute-bound, and a short batch reads the weights it touches too
+            read = t.n_bytes * _touched(card, t, b) / (gpu_mem_gbs(profile) * 1e9)
+            seconds += flops / gpu_flops + (read if b < OP_OFFLOAD_MIN_BATCH else 0.0)
     return seconds
